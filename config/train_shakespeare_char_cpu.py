@@ -1,0 +1,32 @@
+# The laptop-CPU recipe: a small character-level model of tiny Shakespeare in a few minutes.
+#   python prepare.py shakespeare_char
+#   python train.py config/train_shakespeare_char_cpu.py
+#   python sample.py --out_dir=out-shakespeare-char-cpu
+# These are nanoGPT's published CPU settings (its README: "python train.py
+# config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 ..."),
+# where they reach a val loss of about 1.88.
+
+out_dir = 'out-shakespeare-char-cpu'
+eval_interval = 250
+eval_iters = 20
+log_interval = 50
+always_save_checkpoint = False  # keep the best checkpoint only
+
+dataset = 'shakespeare_char'
+gradient_accumulation_steps = 1
+batch_size = 12
+block_size = 64  # characters of context
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0  # too small a model to overfit in 2000 steps
+
+learning_rate = 1e-3
+max_iters = 2000
+lr_decay_iters = 2000  # = max_iters
+min_lr = 1e-4  # = learning_rate / 10
+beta2 = 0.99
+warmup_iters = 100
+
+device = 'cpu'  # this recipe is for the CPU even on a machine with a GPU

@@ -1,0 +1,325 @@
+"""
+The GPT language model, in one file, with GPT-2's layout and parameter names.
+
+References:
+1) OpenAI's GPT-2 paper, "Language Models are Unsupervised Multitask Learners" (2019)
+2) OpenAI's released TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
+3) "Attention Is All You Need" (Vaswani et al., 2017) for the attention itself
+
+Importing this file has no side effects: it only defines things. The last section holds the
+few helpers that train.py and sample.py share (device and precision, checkpoint loading).
+"""
+
+import inspect
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context the model sees, in tokens (learned positions)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12  # number of transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream; must be divisible by n_head
+    dropout: float = 0.0  # dropout probability; 0.0 for pretraining, 0.1+ for finetuning
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2; False is a bit better and faster
+    flash: bool = True  # True: PyTorch's fused attention; False: the manual masked attention, written out
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: "
+                             f"choose n_embd as a multiple of n_head (for example {self.n_head * 64})")
+        for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)}")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's own has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        # query, key and value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # output projection back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.flash = config.flash
+
+    def forward(self, x):
+        B, T, C = x.size()  # batch size, sequence length, embedding width (n_embd)
+        hs = C // self.n_head  # head size
+
+        # project to q, k, v and move the head dimension forward: one attention per head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+
+        if self.flash:
+            # one fused kernel (FlashAttention on recent GPUs); never materialises the T x T scores
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            # the same computation written out, to read and to step through in a debugger
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T), True where key <= query
+            att = att.masked_fill(~causal, float('-inf'))  # a query never sees later keys
+            att = F.softmax(att, dim=-1)  # (B, nh, T, T), each row sums to 1
+            att = self.attn_dropout(att)
+            y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
+
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()  # the exact GELU; GPT-2 used the tanh approximation (within 1e-3)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.c_fc(x)  # (B, T, 4C)
+        x = self.gelu(x)
+        x = self.c_proj(x)  # (B, T, C)
+        return self.dropout(x)
+
+
+class Block(nn.Module):
+    """One transformer block: pre-norm residual attention, then a pre-norm residual MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # tokens exchange information
+        x = x + self.mlp(self.ln_2(x))  # each token computes on its own
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017, "Using the Output Embedding to Improve Language Models"):
+        # the output projection is the token embedding matrix itself, as in GPT-2. One tensor, two uses.
+        self.transformer.wte.weight = self.lm_head.weight
+
+        # GPT-2's initialisation: normal(0, 0.02) for weights, zeros for biases ...
+        self.apply(self._init_weights)
+        # ... and the projections that write into the residual stream scaled by 1/sqrt(2 * n_layer),
+        # since each of the 2 * n_layer residual branches adds its variance to the stream (GPT-2 paper, 2.3)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Number of parameters. By default the position embeddings are left out, as is usual
+        when quoting model size; the token embeddings count because they are also lm_head."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()  # batch size, sequence length
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+            # mean cross-entropy over every position; a target of -1 is ignored
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            # generating needs the next token only: project just the last position.
+            # Indexing with a list, [-1], keeps the time dimension: (B, 1, vocab_size)
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context length, e.g. to finetune GPT-2 (1024) at a smaller block size."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with decoupled weight decay on matrices (matmul weights, embeddings) only:
+        biases and LayerNorm gains (1-D tensors) are not decayed."""
+        params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once
+        decay_params = [p for p in params if p.dim() >= 2]
+        nodecay_params = [p for p in params if p.dim() < 2]
+        groups = [
+            {'params': decay_params, 'weight_decay': weight_decay},
+            {'params': nodecay_params, 'weight_decay': 0.0},
+        ]
+        # the fused kernel does the whole update in a few launches instead of several per tensor
+        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        extra = dict(fused=True) if fused else dict()
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
+        score and weighted-sum matmuls (PaLM paper, Chowdhery et al. 2022, appendix B)."""
+        N = self.get_num_params()
+        L, H, Q, T = self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head, self.config.block_size
+        return 6 * N + 12 * L * H * Q * T
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation: FLOPs/s achieved over the device's peak (see peak_flops())."""
+        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Extend idx (B, T) by max_new_tokens tokens, one at a time, each fed back in.
+        temperature 0 picks the most likely token (greedy); top_k keeps only the k likeliest.
+        Call model.eval() first, or dropout stays on."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {temperature}")
+        for _ in range(max_new_tokens):
+            # the model has positions for block_size tokens only: keep the most recent ones
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :]  # (B, vocab_size)
+            if temperature == 0:
+                idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), sorted
+                    logits[logits < v[:, [-1]]] = -float('inf')
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# Helpers shared by train.py and sample.py: one place for each idea.
+
+def pick_device(device='auto'):
+    """'auto' is the best the machine has: CUDA, then Apple's MPS, then the CPU."""
+    if device == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        if torch.backends.mps.is_available():
+            return 'mps'
+        return 'cpu'
+    kind = device.split(':')[0]
+    available = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        have = ', '.join(k for k, ok in available.items() if ok)
+        raise ValueError(f"device '{device}' is not available on this machine; available: {have} (or 'auto')")
+    return device
+
+
+def pick_dtype(dtype, device):
+    """'auto': bfloat16 on GPUs that have it, float16 on older GPUs (with a GradScaler), else float32."""
+    if dtype == 'auto':
+        if device.startswith('cuda'):
+            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        return 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"dtype '{dtype}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+    return dtype
+
+
+def autocast_context(device, dtype):
+    """Mixed precision: matmuls run in dtype, weights and the optimizer stay float32."""
+    if dtype == 'float32':
+        return nullcontext()
+    ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    return torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
+
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
+PEAK_FLOPS = {
+    'H100': 989e12,  # SXM
+    'A100': 312e12,
+    'A10G': 125e12,
+    'L4': 121e12,
+    'RTX 4090': 165e12,
+    'RTX 3090': 71e12,
+    'V100': 125e12,
+    'T4': 65e12,
+}
+
+
+def peak_flops(device):
+    """(FLOP/s, name) of the reference MFU is measured against. Unknown devices, the CPU
+    included, fall back to nanoGPT's reference, the A100's bf16 peak of 312 TFLOPS."""
+    if device.startswith('cuda'):
+        gpu = torch.cuda.get_device_name(device)
+        for name, flops in PEAK_FLOPS.items():
+            if name in gpu:
+                return flops, f"{name} peak {flops / 1e12:.0f} TFLOPS"
+    return 312e12, "A100 bf16 peak 312 TFLOPS (nanoGPT's reference; no figure for this device)"
+
+
+def load_checkpoint(path, device, **overrides):
+    """Load a checkpoint written by train.py into a GPT on device. Returns (model, checkpoint).
+    overrides change settings that do not touch the weights (dropout, flash).
+    weights_only=True: the file can hold only tensors and plain Python values, so loading it
+    never runs code (a pickle can)."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**dict(checkpoint['model_args'], **overrides)))
+    # a model saved after torch.compile has its names prefixed with '_orig_mod.'
+    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
+    model.load_state_dict(state_dict)
+    model.to(device)
+    return model, checkpoint

@@ -1,0 +1,86 @@
+"""
+Samples text from a trained model:
+
+    python sample.py --out_dir=out-shakespeare-char-cpu
+    python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3
+    python sample.py --out_dir=out-shakespeare-char-cpu --start=FILE:prompt.txt --temperature=0
+
+The text is encoded and decoded with the tokenizer of the dataset the model was trained on
+(data/<dataset>/meta.json). python sample.py --help lists every setting.
+"""
+
+import os
+
+import torch
+
+import configurator
+from configurator import fail
+from model import autocast_context, load_checkpoint, pick_device, pick_dtype
+from prepare import DATA_DIR, DataError, load_meta, load_tokenizer
+
+# -----------------------------------------------------------------------------
+# settings
+init_from = 'resume'  # 'resume': the checkpoint in out_dir
+out_dir = 'out'  # folder holding ckpt.pt
+start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
+num_samples = 10  # samples to draw (all at once, as one batch)
+max_new_tokens = 500  # tokens generated per sample
+temperature = 0.8  # 1.0 samples the model's distribution, < 1.0 sharpens it, 0 is greedy
+top_k = 200  # keep only the top_k most likely tokens at each step; 0 keeps all
+seed = 1337  # the same seed gives the same samples
+device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16'
+# -----------------------------------------------------------------------------
+configurator.configure(globals())
+
+try:
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+except ValueError as e:
+    fail(e)
+if max_new_tokens <= 0:
+    fail(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+if temperature < 0:
+    fail(f"temperature must be >= 0 (0 is greedy), not {temperature}")
+torch.manual_seed(seed)
+ctx = autocast_context(device, dtype)
+
+# the model
+if init_from != 'resume':
+    fail(f"init_from must be 'resume', not '{init_from}'")
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if not os.path.isfile(ckpt_path):
+    fail(f"no checkpoint at {ckpt_path}: train one first (python train.py ...), or fix --out_dir")
+model, checkpoint = load_checkpoint(ckpt_path, device, dropout=0.0)
+model.eval()
+
+# the tokenizer of the data the model was trained on
+dataset = checkpoint['config']['dataset']
+try:
+    encode, decode = load_tokenizer(load_meta(os.path.join(DATA_DIR, dataset)))
+except DataError as e:
+    fail(e)
+
+# the prompt
+if start.startswith('FILE:'):
+    path = start[len('FILE:'):]
+    if not os.path.isfile(path):
+        fail(f"prompt file '{path}' not found")
+    with open(path, encoding='utf-8') as f:
+        start = f.read()
+if not start:
+    fail("the prompt is empty: give at least one token with --start=TEXT (the default is a newline)")
+try:
+    start_ids = encode(start)
+except DataError as e:
+    fail(e)
+if len(start_ids) > model.config.block_size:
+    print(f"the prompt has {len(start_ids)} tokens; the model sees only the last {model.config.block_size}")
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num_samples, 1)  # (num_samples, T)
+
+# generate
+with torch.no_grad(), ctx:
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k if top_k > 0 else None)
+for row in y.tolist():
+    print(decode(row))
+    print('---------------')

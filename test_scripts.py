@@ -1,0 +1,208 @@
+"""
+The real scripts, run as subprocesses the way a user runs them, on a copy of the repository
+in a temporary folder: prepare -> train -> resume -> sample, the learning-rate schedule as
+train.py logs it, the known token ids, and the one-line answers to bad input.
+"""
+
+import hashlib
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# a model small enough that a few iterations take a second
+TINY = ['--dataset=shakespeare_char', '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16',
+        '--batch_size=4', '--eval_iters=2', '--log_interval=1', '--device=cpu', '--dtype=float32']
+# learning-rate schedule: warmup over 2 steps to 1e-2, cosine down to 1e-3 at step 5
+SCHEDULE = ['--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=2', '--lr_decay_iters=5']
+
+
+def run(repo, script, *args, ok=True):
+    """Run python <script> <args> in repo; return the CompletedProcess (asserting success if ok)."""
+    p = subprocess.run([sys.executable, script, *args], cwd=repo, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert p.returncode == 0, f"{script} {args} failed:\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def assert_one_line_error(p, *fragments):
+    """A user's mistake: non-zero exit, exactly one line on stderr naming the problem, no traceback."""
+    assert p.returncode != 0, p.stdout
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope='module')
+def repo(tmp_path_factory):
+    """A fresh copy of the repository's scripts and committed data, with shakespeare_char prepared."""
+    dst = tmp_path_factory.mktemp('repo')
+    for name in os.listdir(ROOT):
+        if name.endswith('.py'):
+            shutil.copy(os.path.join(ROOT, name), dst)
+    shutil.copytree(os.path.join(ROOT, 'config'), dst / 'config')
+    os.makedirs(dst / 'data' / 'shakespeare_char')
+    shutil.copy(os.path.join(ROOT, 'data', 'gpt2.tiktoken'), dst / 'data')
+    shutil.copy(os.path.join(ROOT, 'data', 'shakespeare_char', 'input.txt'), dst / 'data' / 'shakespeare_char')
+    run(dst, 'prepare.py', 'shakespeare_char')
+    return dst
+
+
+def logged(stdout, what):
+    """{iter: value} of a quantity in train.py's 'iter N: loss L, lr R, ...' lines."""
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(rf"iter (\d+): .*?{what} ([0-9.e+-]+)", stdout)}
+
+
+def sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_prepare_shakespeare_char_counts_and_reproducibility(repo):
+    """Known values (vocab 65, 1,003,854 / 111,540 tokens), ids that decode back to the text,
+    and a second run writes byte-identical files."""
+    data = repo / 'data' / 'shakespeare_char'
+    import json
+    meta = json.loads((data / 'meta.json').read_text(encoding='utf-8'))
+    assert (meta['vocab_size'], meta['train_tokens'], meta['val_tokens'], meta['dtype']) == (65, 1003854, 111540, 'uint16')
+    text = (data / 'input.txt').read_text(encoding='utf-8')
+    train = np.fromfile(data / 'train.bin', dtype=np.uint16)
+    assert ''.join(meta['tokenizer']['chars'][i] for i in train[:1000]) == text[:1000]
+    before = {f: sha256(data / f) for f in ('train.bin', 'val.bin', 'meta.json')}
+    run(repo, 'prepare.py', 'shakespeare_char')
+    assert before == {f: sha256(data / f) for f in ('train.bin', 'val.bin', 'meta.json')}
+    assert not [f for f in os.listdir(data) if f.endswith('.tmp')]
+
+
+def test_prepare_shakespeare_gpt2_offline(repo):
+    """GPT-2 BPE from the committed file (no network): nanoGPT's published counts, 301,966 train
+    and 36,059 val tokens, and the known ids of the first 100 characters."""
+    run(repo, 'prepare.py', 'shakespeare')
+    import json
+    meta = json.loads((repo / 'data' / 'shakespeare' / 'meta.json').read_text())
+    assert (meta['vocab_size'], meta['train_tokens'], meta['val_tokens'], meta['eot_id']) == (50257, 301966, 36059, 50256)
+    train = np.fromfile(repo / 'data' / 'shakespeare' / 'train.bin', dtype=np.uint16)
+    assert train[:31].tolist() == [5962, 22307, 25, 198, 8421, 356, 5120, 597, 2252, 11, 3285, 502, 2740, 13, 198,
+                                   198, 3237, 25, 198, 5248, 461, 11, 2740, 13, 198, 198, 5962, 22307, 25, 198, 1639]
+
+
+def test_gpt2_encoding_known_ids():
+    """The encoding built from data/gpt2.tiktoken gives OpenAI's ids."""
+    sys.path.insert(0, ROOT)
+    from prepare import gpt2_encoding
+    enc = gpt2_encoding()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.encode("<|endoftext|>", allowed_special='all') == [50256]
+    assert enc.n_vocab == 50257
+    assert enc.decode([15496, 995]) == "Hello world"
+
+
+def test_learning_rate_schedule(repo):
+    """The lr train.py uses at each step, against values worked out by hand: warmup from
+    lr/(warmup+1), the peak at the end of warmup, the cosine, min_lr at lr_decay_iters and after."""
+    p = run(repo, 'train.py', *TINY, *SCHEDULE, '--max_iters=7', '--eval_interval=100', '--out_dir=out-lr')
+    lr = logged(p.stdout, 'lr')
+    expected = {
+        0: 1e-2 * 1 / 3,  # warmup start: not zero
+        1: 1e-2 * 2 / 3,
+        2: 1e-2,  # end of warmup: the peak
+        3: 1e-3 + 0.5 * (1 + math.cos(math.pi * 1 / 3)) * 9e-3,  # a third of the way down the cosine
+        4: 1e-3 + 0.5 * (1 + math.cos(math.pi * 2 / 3)) * 9e-3,
+        5: 1e-3,  # lr_decay_iters: min_lr
+        6: 1e-3,  # beyond: min_lr
+    }
+    assert lr.keys() == expected.keys()
+    for it, want in expected.items():
+        assert lr[it] == pytest.approx(want, rel=1e-4), it
+
+
+def test_train_resume_sample(repo):
+    """6 steps straight and 3 steps + resume to 6 give the same losses at every step and
+    bitwise-equal weights; the checkpoint samples text that starts with the prompt."""
+    common = [*TINY, *SCHEDULE, '--eval_interval=3', '--dropout=0.1']
+    straight = run(repo, 'train.py', *common, '--max_iters=6', '--out_dir=out-straight')
+    first = run(repo, 'train.py', *common, '--max_iters=3', '--out_dir=out-resumed')
+    second = run(repo, 'train.py', *common, '--max_iters=6', '--out_dir=out-resumed', '--init_from=resume')
+    assert 'resuming from' in second.stdout
+
+    losses = logged(straight.stdout, 'loss')
+    assert sorted(losses) == list(range(6))
+    assert losses == {**logged(first.stdout, 'loss'), **logged(second.stdout, 'loss')}
+    assert min(logged(second.stdout, 'loss')) == 3  # resumed at step 3, not from 0
+
+    a = torch.load(repo / 'out-straight' / 'ckpt.pt', weights_only=True)
+    b = torch.load(repo / 'out-resumed' / 'ckpt.pt', weights_only=True)
+    assert a['iter_num'] == b['iter_num'] == 6
+    assert a['model'].keys() == b['model'].keys()
+    assert 'transformer.h.0.attn.c_attn.weight' in a['model'] and 'lm_head.weight' in a['model']
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert not [f for f in os.listdir(repo / 'out-resumed') if f.endswith('.tmp')]
+
+    p = run(repo, 'sample.py', '--out_dir=out-resumed', '--start=ROMEO:', '--num_samples=2',
+            '--max_new_tokens=20', '--device=cpu')
+    samples = p.stdout.split('---------------\n')[:2]
+    assert len(samples) == 2 and all(s.startswith('ROMEO:') and len(s) == len('ROMEO:') + 20 + 1 for s in samples)
+    # the same seed gives the same samples; greedy ones are the same whatever the seed
+    assert run(repo, 'sample.py', '--out_dir=out-resumed', '--start=ROMEO:', '--num_samples=2',
+               '--max_new_tokens=20', '--device=cpu').stdout == p.stdout
+    greedy = [run(repo, 'sample.py', '--out_dir=out-resumed', '--temperature=0', '--num_samples=1',
+                  '--max_new_tokens=20', f'--seed={s}').stdout for s in (1, 2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_eval_only_and_checkpoint_keys(repo):
+    """eval_only evaluates and writes nothing; a checkpoint keeps the keys nanoGPT's scripts read."""
+    run(repo, 'train.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out-keys')
+    ckpt = torch.load(repo / 'out-keys' / 'ckpt.pt', weights_only=True)
+    assert {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'} <= ckpt.keys()
+    assert ckpt['config']['device'] == 'cpu' and ckpt['config']['n_embd'] == 16
+    before = sha256(repo / 'out-keys' / 'ckpt.pt')
+    p = run(repo, 'train.py', *TINY, '--eval_only=True', '--init_from=resume', '--out_dir=out-keys')
+    val = float(re.search(r"val loss ([0-9.]+)", p.stdout).group(1))
+    assert val == pytest.approx(ckpt['best_val_loss'], abs=1e-4)  # the same fixed eval batches
+    assert sha256(repo / 'out-keys' / 'ckpt.pt') == before
+
+
+@pytest.mark.parametrize('script, args, fragments', [
+    ('train.py', ['--lerning_rate=1e-3'], ["'lerning_rate'", 'learning_rate']),
+    ('train.py', ['--batch_size=big'], ['batch_size', 'int']),
+    ('train.py', ['config/nope.py'], ['config/nope.py', 'not found']),
+    ('train.py', ['--dataset=nope'], ["python prepare.py nope"]),
+    ('train.py', [*TINY, '--n_embd=30', '--n_head=4'], ['n_embd 30', 'n_head 4']),
+    ('train.py', [*TINY, '--block_size=500000'], ['val split', '111,540 tokens', 'block_size']),
+    ('train.py', [*TINY, '--device=cuda'], ["device 'cuda' is not available", 'cpu']),
+    ('train.py', [*TINY, '--init_from=resume', '--out_dir=out-none'], ['no checkpoint', 'out-none']),
+    ('sample.py', ['--out_dir=out-none'], ['no checkpoint', 'out-none']),
+    ('prepare.py', ['nope'], ['nope', 'shakespeare_char']),
+])
+def test_bad_input_gets_one_line(repo, script, args, fragments):
+    if script == 'train.py' and '--device=cuda' in args and torch.cuda.is_available():
+        pytest.skip('this machine has CUDA, so --device=cuda is valid')
+    p = run(repo, script, *args, ok=False)
+    if script == 'prepare.py':  # argparse: a usage line, then the error line
+        assert p.returncode != 0 and 'Traceback' not in p.stderr
+        assert all(f in p.stderr.strip().splitlines()[-1] for f in fragments), p.stderr
+    else:
+        assert_one_line_error(p, *fragments)
+
+
+def test_sample_bad_prompts(repo):
+    """Characters outside the char vocabulary are named; an empty prompt and bad numbers are refused."""
+    run(repo, 'train.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out-prompt')
+    sample = lambda *a: run(repo, 'sample.py', '--out_dir=out-prompt', '--max_new_tokens=5', *a, ok=False)
+    assert_one_line_error(sample('--start=Été 中'), "'中'", "'É'", "'é'")
+    assert_one_line_error(sample('--start='), 'empty')
+    assert_one_line_error(sample('--max_new_tokens=0'), 'max_new_tokens')
+    assert_one_line_error(sample('--temperature=-1'), 'temperature')
+    p = sample('--start=' + 'a' * 40)  # longer than block_size 16: said once, then cropped
+    assert p.returncode == 0 and p.stdout.count('the model sees only the last 16') == 1
