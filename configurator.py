@@ -18,6 +18,7 @@ scripts store in their checkpoints.
 
 import ast
 import difflib
+import inspect
 import io
 import os
 import sys
@@ -78,14 +79,20 @@ def run_config_file(path, scope):
     if not os.path.isfile(path):
         fail(f"config file '{path}' not found (settings are passed as --key=value)")
     known = settings_of(scope)
+    before = dict(scope)
     with open(path, encoding='utf-8') as f:
         source = f.read()
     exec(compile(source, path, 'exec'), scope)
-    for key, value in settings_of(scope).items():
+    # check every name the file set, whatever its value (None, a tuple, ...); a file may still
+    # import modules, define helpers and use _private names
+    for key, value in scope.items():
+        if key.startswith('_') or key.isupper() or inspect.ismodule(value) or callable(value):
+            continue
         where = f"in {path}"
-        if key not in known:
+        if key in known:
+            scope[key] = coerce(key, value, known[key], where)
+        elif key not in before or before[key] is not value:
             fail(unknown_key_message(key, known, where))
-        scope[key] = coerce(key, value, known[key], where)
 
 
 def comments_of(script_path):
@@ -107,7 +114,7 @@ def print_help(scope, defaults):
     comments = comments_of(script) if os.path.isfile(script) else {}
     name = os.path.basename(script)
     print(f"usage: python {name} [config/file.py ...] [--key=value ...]\n\nsettings (default, then what it is):")
-    width = max(len(f"{k} = {v!r}") for k, v in defaults.items())
+    width = max((len(f"{k} = {v!r}") for k, v in defaults.items()), default=0)
     for key, value in defaults.items():
         print(f"  {f'{key} = {value!r}':<{width}}  {comments.get(key, '')}".rstrip())
 

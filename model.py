@@ -12,6 +12,7 @@ few helpers that train.py and sample.py share (device and precision, checkpoint 
 
 import inspect
 import math
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -227,7 +228,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Extend idx (B, T) by max_new_tokens tokens, one at a time, each fed back in.
-        temperature 0 picks the most likely token (greedy); top_k keeps only the k likeliest.
+        temperature 0 picks the most likely token (greedy); top_k keeps only the k likeliest
+        (None or 0 keeps all).
         Call model.eval() first, or dropout stays on."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, not {temperature}")
@@ -240,7 +242,7 @@ class GPT(nn.Module):
                 idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1)
             else:
                 logits = logits / temperature
-                if top_k is not None:
+                if top_k:  # None or 0: keep every token
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), sorted
                     logits[logits < v[:, [-1]]] = -float('inf')
                 probs = F.softmax(logits, dim=-1)
@@ -306,7 +308,7 @@ def peak_flops(device):
     if device.startswith('cuda'):
         gpu = torch.cuda.get_device_name(device)
         for name, flops in PEAK_FLOPS.items():
-            if name in gpu:
+            if re.search(rf'\b{re.escape(name)}\b', gpu):  # whole words: 'L4' is not 'L40S'
                 return flops, f"{name} peak {flops / 1e12:.0f} TFLOPS"
     return 312e12, "A100 bf16 peak 312 TFLOPS (nanoGPT's reference; no figure for this device)"
 

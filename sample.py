@@ -80,7 +80,7 @@ x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num
 
 # generate
 with torch.no_grad(), ctx:
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k if top_k > 0 else None)
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
 for row in y.tolist():
     print(decode(row))
     print('---------------')
