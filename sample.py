@@ -27,6 +27,7 @@ num_samples = 10  # samples to draw (all at once, as one batch)
 max_new_tokens = 500  # tokens generated per sample
 temperature = 0.8  # 1.0 samples the model's distribution, < 1.0 sharpens it, 0 is greedy
 top_k = 200  # keep only the top_k most likely tokens at each step; 0 keeps all
+stop_at_eot = True  # end a sample at the end-of-text token (where the tokenizer has one)
 seed = 1337  # the same seed gives the same samples
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16'
@@ -56,10 +57,13 @@ model.eval()
 
 # the tokenizer of the data the model was trained on
 dataset = checkpoint['config']['dataset']
+data_dir = os.path.join(DATA_DIR, dataset)
 try:
-    encode, decode = load_tokenizer(load_meta(os.path.join(DATA_DIR, dataset)))
+    meta = load_meta(data_dir)
+    encode, decode = load_tokenizer(meta, data_dir)
 except DataError as e:
     fail(e)
+eot = meta.get('eot_id')
 
 # the prompt
 if start.startswith('FILE:'):
@@ -82,5 +86,8 @@ x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num
 with torch.no_grad(), ctx:
     y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
 for row in y.tolist():
-    print(decode(row))
+    new = row[len(start_ids):]
+    if stop_at_eot and eot in new:
+        new = new[:new.index(eot)]  # the story ended here; what follows would be a new document
+    print(decode(start_ids + new))
     print('---------------')
