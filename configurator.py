@@ -22,6 +22,7 @@ import inspect
 import io
 import os
 import sys
+import traceback
 import tokenize
 
 SETTING_TYPES = (bool, int, float, str)
@@ -82,7 +83,15 @@ def run_config_file(path, scope):
     before = dict(scope)
     with open(path, encoding='utf-8') as f:
         source = f.read()
-    exec(compile(source, path, 'exec'), scope)
+    try:
+        code = compile(source, path, 'exec')
+    except SyntaxError as e:
+        fail(f"{path}:{e.lineno}: {e.msg} (a config file is Python: lines of key = value)")
+    try:
+        exec(code, scope)
+    except Exception as e:  # a mistake in the file (a misspelt name, ...): its line, not a traceback
+        lineno = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path][-1:] or ['?']
+        fail(f"{path}:{lineno[0]}: {type(e).__name__}: {e}")
     # check every name the file set, whatever its value (None, a tuple, ...); a file may still
     # import modules, define helpers and use _private names
     for key, value in scope.items():

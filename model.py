@@ -33,12 +33,14 @@ class GPTConfig:
     flash: bool = True  # True: PyTorch's fused attention; False: the manual masked attention, written out
 
     def __post_init__(self):
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: "
-                             f"choose n_embd as a multiple of n_head (for example {self.n_head * 64})")
         for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: "
+                             f"choose n_embd as a multiple of n_head (for example {self.n_head * 64})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
 
 
 class LayerNorm(nn.Module):
@@ -183,7 +185,8 @@ class GPT(nn.Module):
 
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab_size)
-            # mean cross-entropy over every position; a target of -1 is ignored
+            # mean cross-entropy over every position, flattened to (B*T, vocab_size) and (B*T,);
+            # a target of -1 is ignored
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         else:
             # generating needs the next token only: project just the last position.
@@ -226,10 +229,11 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None):
         """Extend idx (B, T) by max_new_tokens tokens, one at a time, each fed back in.
         temperature 0 picks the most likely token (greedy); top_k keeps only the k likeliest
-        (None or 0 keeps all).
+        (None or 0 keeps all); vocab_size, when the model's vocabulary was padded (train.py pads
+        50257 to 50304), keeps the padding ids, which no tokenizer can decode, from being drawn.
         Call model.eval() first, or dropout stays on."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, not {temperature}")
@@ -238,6 +242,8 @@ class GPT(nn.Module):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :]  # (B, vocab_size)
+            if vocab_size is not None:
+                logits[:, vocab_size:] = -float('inf')
             if temperature == 0:
                 idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1)
             else:
@@ -318,7 +324,11 @@ def load_checkpoint(path, device, **overrides):
     overrides change settings that do not touch the weights (dropout, flash).
     weights_only=True: the file can hold only tensors and plain Python values, so loading it
     never runs code (a pickle can)."""
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or holding objects that are not plain data
+        first_line = (str(e).strip().splitlines() or [''])[0]
+        raise ValueError(f"cannot load checkpoint {path} ({type(e).__name__}: {first_line})") from None
     model = GPT(GPTConfig(**dict(checkpoint['model_args'], **overrides)))
     # a model saved after torch.compile has its names prefixed with '_orig_mod.'
     state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}

@@ -12,8 +12,8 @@ Each writes data/<name>/train.bin and val.bin (flat arrays of token ids) and met
 says how to read them (dtype) and how to turn ids back into text (the tokenizer). Run
 python prepare.py --help for every option.
 
-The text is read as a stream and encoded in pieces on every core, so a corpus larger than
-memory works; files are written under temporary names and renamed at the end, so an
+The text is cut into chunks that processes on every core read and encode, so a corpus larger
+than memory works; files are written under temporary names and renamed at the end, so an
 interrupted run never leaves a truncated train.bin behind.
 
 This file is also the home of the tokenizer helpers train.py and sample.py import
@@ -28,7 +28,9 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 import urllib.request
@@ -63,7 +65,7 @@ DATASETS = {
     # parquet conversion (revision refs/convert/parquet) loads with any recent release.
     'openwebtext': dict(hub='Skylion007/openwebtext', tokenizer='gpt2', val_fraction=0.0005),  # nanoGPT's 0.05%
 }
-PIECE_CHARS = 1 << 18  # text is encoded in pieces of ~262k characters: small enough to spread over cores
+CHUNK_BYTES = 1 << 20  # text is encoded in chunks of ~1 MB: small enough to spread over cores
 
 
 class DataError(Exception):
@@ -98,12 +100,6 @@ def gpt2_encoding():
                              special_tokens={'<|endoftext|>': GPT2_EOT})
 
 
-def hf_eot(tok):
-    """The id of a Hugging Face tokenizer's end-of-text token, or None."""
-    ids = [tok.token_to_id(name) for name in EOT_NAMES]
-    return next((i for i in ids if i is not None), None)
-
-
 def load_tokenizer(meta, data_dir):
     """(encode, decode) for a dataset's tokenizer: encode(str) -> list of ids, decode(ids) -> str."""
     spec = meta['tokenizer']
@@ -127,26 +123,15 @@ def load_tokenizer(meta, data_dir):
     raise DataError(f"unknown tokenizer type '{spec['type']}' in {data_dir}/meta.json")
 
 
-def array_encoder(spec, data_dir, eot):
-    """encode(pieces) -> one array of ids: [(text, ends_document)] with eot after each document
-    (when eot is not None). The fast path of each tokenizer, for preparing large corpora."""
+def array_encoder(spec, data_dir):
+    """encode(text) -> array of ids: each tokenizer's fastest way, for preparing large corpora."""
     if spec['type'] == 'char':
         # characters -> ids with one table lookup: the text's code points index a table of ids
         table = np.zeros(max(map(ord, spec['chars'])) + 1, dtype=np.uint32)
         table[[ord(c) for c in spec['chars']]] = np.arange(len(spec['chars']))
-        encode = lambda text: table[np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)]
-    else:
-        encode_text = load_tokenizer(dict(tokenizer=spec), data_dir)[0]
-        encode = lambda text: np.array(encode_text(text), dtype=np.uint32)
-
-    def encode_pieces(pieces):
-        arrays = []
-        for text, ends_document in pieces:
-            arrays.append(encode(text))
-            if ends_document and eot is not None:
-                arrays.append(np.array([eot], dtype=np.uint32))
-        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32)
-    return encode_pieces
+        return lambda text: table[np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)]
+    encode = load_tokenizer(dict(tokenizer=spec), data_dir)[0]
+    return lambda text: np.array(encode(text), dtype=np.uint32)
 
 
 def load_meta(data_dir):
@@ -161,7 +146,7 @@ def load_meta(data_dir):
 
 
 # -----------------------------------------------------------------------------
-# reading text: a stream of (text, ends_document) pieces, never the whole corpus in memory
+# finding the text, and cutting it into chunks: the unit of work of an encoding process
 
 def download(url, path):
     """Stream url to path (via a temporary file, so an interrupted download leaves nothing)."""
@@ -191,159 +176,150 @@ def find_files(pattern):
     return files
 
 
-def safe_cut(before, after):
-    """May a document be cut between the lines before and after? Only between a line ending in
-    a visible character and one starting with one: BPE pre-tokenizers (GPT-2's regex) always split
-    there, so the pieces encode to exactly the tokens of the whole document."""
-    return len(before) > 1 and not before[-2].isspace() and after[:1] and not after[0].isspace()
+# A document without separators is cut at a line end between two visible characters: the
+# pre-tokenizers of GPT-2 and of models such as Qwen2 always split there, so the chunks encode to
+# exactly the tokens of the whole. Unicode spaces (U+00A0, U+2000.., U+3000, ...) count as white:
+# their last UTF-8 byte is excluded before the newline and their bytes after it.
+SAFE_LINE_END = re.compile(rb'(?<![\s\x80-\x8a\x9f\xa0\xa8\xa9\xaf])\n'
+                           rb'(?![\s]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]|\xe2\x81\x9f|\xe3\x80\x80)')
+ANY_LINE_END = re.compile(rb'\n')  # characters need no care; nor does a text with no safe place in 32 MB
 
 
-def read_pieces(files, separator=None, errors='strict'):
-    """Yield the text of files as (text, ends_document) pieces of about PIECE_CHARS characters.
-    Each file is a document, or, with a separator, the lines between separator lines are
-    (without the blank lines around them). Windows line ends become '\\n'."""
+def chunks(path, separator, lo, hi, safe=True):
+    """Byte ranges (start, end, ends_document) of about CHUNK_BYTES covering [lo, hi) of a file.
+    With a separator, each ends after a separator line, so it holds whole documents."""
+    pattern = re.compile(rb'\n[ \t\r]*' + re.escape(separator.encode()) + rb'[ \t\r]*\n') if separator else \
+        SAFE_LINE_END if safe else ANY_LINE_END
+    out, start = [], lo
+    with open(path, 'rb') as f:
+        while start < hi:
+            end = start + CHUNK_BYTES
+            while end < hi:  # move end to the next place the text may be cut
+                f.seek(end - 1)
+                window = f.read(CHUNK_BYTES + 1)  # one byte before end, for the look-behind
+                m = pattern.search(window, 1) or (end - start > 32 * CHUNK_BYTES and ANY_LINE_END.search(window, 1))
+                if m:
+                    end += m.end() - 1
+                    break
+                end += CHUNK_BYTES
+            end = min(end, hi)
+            out.append((start, end, end == os.path.getsize(path) or separator is not None))
+            start = end
+    return out
+
+
+def count_documents(files, separator):
+    """About how many documents the files hold (separators are counted, not parsed)."""
+    if separator is None:
+        return len(files)
+    n, sep = 0, separator.encode()
     for path in files:
-        buf, size, offset = [], 0, 0
+        count, tail = 0, b''
         with open(path, 'rb') as f:
-            for raw in f:
-                try:
-                    line = raw.decode('utf-8', errors)
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path} is not UTF-8 text: byte {raw[e.start]:#04x} at offset {offset + e.start}; "
-                                    f"convert the file, or pass --errors=replace to replace such bytes with U+FFFD") from None
-                offset += len(raw)
-                if line.endswith('\r\n'):
-                    line = line[:-2] + '\n'
-                if separator is not None and line.strip() == separator:
-                    if buf:
-                        yield ''.join(buf).rstrip(), True
-                    buf, size = [], 0
-                    continue
-                if separator is not None and not buf and not line.strip():
-                    continue  # blank lines before a document
-                if size >= PIECE_CHARS and safe_cut(buf[-1], line):
-                    yield ''.join(buf), False
-                    buf, size = [], 0
-                buf.append(line)
-                size += len(line)
-        text = ''.join(buf)
-        if separator is not None:
-            text = text.rstrip()
-        if text or separator is None:
-            yield text, True
+            for block in iter(lambda: f.read(1 << 24), b''):
+                count += (tail + block).count(sep)
+                tail = block[-(len(sep) - 1):] if len(sep) > 1 else b''
+        n += max(count, 1)
+    return n
 
 
-def hub_pieces(repo):
-    """Documents of a Hugging Face hub dataset, streamed (nothing cached but the parquet files)."""
+def hub_batches(repo, n=256):
+    """Lists of n documents of a Hugging Face hub dataset, streamed (only its parquet files are cached)."""
     datasets = need('datasets', 'datasets')
+    datasets.logging.set_verbosity_error()  # the error below says it in one line; no retry warnings
+    need('huggingface_hub', 'huggingface_hub').utils.logging.set_verbosity_error()
     try:
-        stream = datasets.load_dataset(repo, split='train', streaming=True, revision='refs/convert/parquet')
-        for row in stream:
-            yield row['text'], True
+        rows = iter(datasets.load_dataset(repo, split='train', streaming=True, revision='refs/convert/parquet'))
+        while batch := [row['text'] for row in itertools.islice(rows, n)]:
+            yield batch
     except Exception as e:  # datasets raises many kinds: connection, HTTP, offline mode, ...
         raise DataError(f"cannot read {repo} from the hub at {HF_ENDPOINT} ({type(e).__name__}: {e}). Without "
                         f"access to it, put the text in .txt files and pass them with --input=FOLDER") from None
 
 
-def split_pieces(pieces, n_docs, n_chars, val_fraction):
-    """Tag each piece 'train' or 'val'. With several documents, every k-th document validates,
-    k = 1/val_fraction (or the number of documents, if fewer: then the last one); a single
-    document is cut in two: the last val_fraction of its characters validate (as nanoGPT does)."""
-    if n_docs == 1:
-        cut, seen = int(n_chars * (1 - val_fraction)), 0
-        for text, ends in pieces:
-            if seen < cut < seen + len(text):
-                yield 'train', text[:cut - seen], False
-                yield 'val', text[cut - seen:], ends
-            else:
-                yield ('train' if seen + len(text) <= cut else 'val'), text, ends
-            seen += len(text)
-        return
-    k = max(2, round(1 / val_fraction))
-    k = min(k, n_docs) if n_docs else k  # n_docs is None when streaming from the hub
-    doc = 0
-    for text, ends in pieces:
-        yield ('val' if (doc + 1) % k == 0 else 'train'), text, ends
-        doc += ends
-
-
 # -----------------------------------------------------------------------------
-# encoding on every core, writing as we go
+# the work of an encoding process. A task is (split, 'file', path, start, end, ends_document) or
+# (split, 'docs', [texts]); split is 'train', 'val' or 'auto' (chosen per document, see prepare).
 
-_worker_encode = None  # each worker process's encoder, built once by _init_worker
-
-
-def _init_worker(spec, data_dir, eot):
-    global _worker_encode
-    _worker_encode = array_encoder(spec, data_dir, eot)
+_worker = {}  # this process's settings and encoder, set once by _init_worker
 
 
-def _encode_in_worker(pieces):
-    return _worker_encode(pieces)
+def _init_worker(spec, data_dir, eot, separator, errors):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    # a line holding only the separator (this form splits 4x faster than one with (?m)^...$)
+    sep = re.compile(rf'\n[ \t]*{re.escape(separator)}[ \t]*(?=\n|\Z)') if separator else None
+    _worker.update(encode=array_encoder(spec, data_dir) if spec else None, eot=eot, sep=sep, errors=errors)
 
 
-def encode_to_files(tagged, out_dir, spec, eot, dtype, workers, total_chars):
-    """Encode tagged pieces (split, text, ends) into out_dir/<split>.bin.tmp, in order, in batches
-    of ~PIECE_CHARS characters spread over worker processes; returns the token count per split."""
-    files = {s: open(os.path.join(out_dir, f'{s}.bin.tmp'), 'wb') for s in ('train', 'val')}
-    counts = dict(train=0, val=0)
-    pending = collections.deque()  # (split, future) in submission order: results are written in order
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(spec, out_dir, eot)) if workers > 1 else None
-    encode_here = None if pool else array_encoder(spec, out_dir, eot)
-    try:  # on long work, a progress bar with tokens/s when tqdm is installed, else a line every 10 s
-        from tqdm import tqdm
-        bar = tqdm(unit='tok', unit_scale=True, smoothing=0.1) if workers > 1 else None
-    except ImportError:
-        bar = None
-    t0 = last_report = time.time()
-    chars_done = 0
-
-    def write(split, ids):
-        nonlocal last_report
-        files[split].write(ids.astype(dtype).tobytes())
-        counts[split] += len(ids)
-        if bar is not None:
-            bar.update(len(ids))
-        elif workers > 1 and time.time() - last_report > 10:
-            last_report = time.time()
-            done = f" ({chars_done / total_chars:.0%} of the text)" if total_chars else ''
-            print(f"  {sum(counts.values()):,} tokens{done}, {sum(counts.values()) / (time.time() - t0):,.0f} tokens/s")
-
-    def submit(split, batch):
-        if pool is None:
-            write(split, encode_here(batch))
-            return
-        pending.append((split, pool.submit(_encode_in_worker, batch)))
-        while len(pending) > 2 * workers:  # a bounded window of work in flight keeps memory flat
-            s, future = pending.popleft()
-            write(s, future.result())
-
+def task_texts(task):
+    """(documents, whether the last one ends here) of a task."""
+    if task[1] == 'docs':
+        return task[2], True
+    _, _, path, start, end, ends = task
+    with open(path, 'rb') as f:
+        f.seek(start)
+        raw = f.read(end - start)
     try:
-        batches, sizes = dict(train=[], val=[]), dict(train=0, val=0)
-        for split, text, ends in tagged:
-            batches[split].append((text, ends))
-            sizes[split] += len(text)
-            chars_done += len(text)
-            if sizes[split] >= PIECE_CHARS:
-                submit(split, batches[split])
-                batches[split], sizes[split] = [], 0
-        for split in ('train', 'val'):
-            if batches[split]:
-                submit(split, batches[split])
-        while pending:
-            s, future = pending.popleft()
-            write(s, future.result())
-    finally:
-        for f in files.values():
-            f.close()
-        if bar is not None:
-            bar.close()
-        if pool:
+        text = raw.decode('utf-8', _worker['errors']).replace('\r\n', '\n')
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: byte {raw[e.start]:#04x} at offset {start + e.start}; convert "
+                        f"the file, or pass --errors=replace to replace such bytes with U+FFFD") from None
+    if _worker['sep'] is None:
+        return [text], ends
+    # the lines between separator lines are a document, without the blank lines around it
+    return [d for d in (d.strip() for d in _worker['sep'].split('\n' + text)) if d], True
+
+
+def _encode_task(task):
+    """-> (split, ids, tokens per document, whether the last document ends here)"""
+    docs, ends = task_texts(task)
+    eot = _worker['eot']
+    arrays = [_worker['encode'](d) for d in docs]
+    lens = np.array([len(a) for a in arrays], dtype=np.int64)
+    if eot is not None:  # each document that ends here is followed by the end-of-text token
+        n_ends = len(arrays) if ends else len(arrays) - 1
+        lens[:n_ends] += 1
+        eot = np.array([eot], dtype=np.uint32)
+        arrays = [x for i, a in enumerate(arrays) for x in ((a, eot) if i < n_ends else (a,))]
+    ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32)
+    return task[0], ids, lens, ends
+
+
+def _chars_of_task(task):
+    return set().union(*task_texts(task)[0])
+
+
+def run_tasks(fn, tasks, workers, init):
+    """fn(task) for each task, in order, on worker processes; results are yielded in order. At most
+    2 tasks per process are in flight, so memory stays flat whatever the corpus size."""
+    if workers == 1:
+        _init_worker(*init)
+        yield from map(fn, tasks)
+        return
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init) as pool:
+        pending = collections.deque()
+        try:
+            for task in tasks:
+                pending.append(pool.submit(fn, task))
+                if len(pending) > 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
             pool.shutdown(cancel_futures=True)
-    return counts
 
 
-def train_bpe(pieces, vocab_size, path):
+def progress_bar():
+    """A progress bar with tokens/s (tqdm), or None when tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("(pip install tqdm for a progress bar)")
+        return None
+    return tqdm(unit='tok', unit_scale=True, smoothing=0.1)
+
+
+def train_bpe(texts, vocab_size, path):
     """Train a byte-level BPE tokenizer (GPT-2's kind) on the text with Hugging Face tokenizers."""
     tk = need('tokenizers', 'tokenizers')
     tok = tk.Tokenizer(tk.models.BPE())
@@ -351,7 +327,7 @@ def train_bpe(pieces, vocab_size, path):
     tok.decoder = tk.decoders.ByteLevel()
     trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<|endoftext|>'],
                                      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((text for text, _ in pieces), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.save(path)
     return tok
 
@@ -372,101 +348,137 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
         if not os.path.isfile(tokenizer):
             raise DataError(f"--tokenizer '{tokenizer}' is not char, gpt2, bpe, nor a tokenizer.json file or folder")
 
-    # where the text comes from: --input, the named dataset's files (downloaded if missing), or the hub
+    # the text: --input, the named dataset's files (downloaded when missing), or the hub
     if input:
-        sources = dict(train=find_files(input), val=find_files(val_input) if val_input else None)
+        train_files, val_files = find_files(input), find_files(val_input) if val_input else []
     elif 'files' in spec:
-        paths = []
-        for filename, url in spec['files'].items():
-            path = os.path.join(DATA_DIR, spec['folder'], filename)
+        paths = [os.path.join(DATA_DIR, spec['folder'], f) for f in spec['files']]
+        for path, url in zip(paths, spec['files'].values()):
             if not os.path.isfile(path):
                 download(url, path)
-            paths.append(path)
-        sources = dict(train=paths[:1], val=paths[1:] or None)
+        train_files, val_files = paths[:1], paths[1:]
     elif 'hub' in spec:
-        sources = dict(hub=spec['hub'])
+        train_files = val_files = None
         if tokenizer == 'char':
             raise DataError("--tokenizer=char needs the text on disk first: pass it with --input")
     else:
-        known = ', '.join(sorted(DATASETS))
-        raise DataError(f"unknown dataset '{name}' (known: {known}); for your own text: "
-                        f"python prepare.py {name} --input=PATH")
-    read = lambda files: read_pieces(files, separator, errors)
-    every_file = sources.get('train', []) + (sources.get('val') or [])
+        raise DataError(f"unknown dataset '{name}' (known: {', '.join(sorted(DATASETS))}); "
+                        f"for your own text: python prepare.py {name} --input=PATH")
 
-    # a first pass over local text: count documents and characters, check the UTF-8, collect characters
-    n_docs, n_chars, chars = None, 0, set()
-    if 'hub' not in sources:
-        n_docs = 0
-        for text, ends in read(every_file):
-            n_docs, n_chars = n_docs + ends, n_chars + len(text)
-            if tokenizer == 'char':
-                chars.update(text)
-        if n_chars == 0:
-            raise DataError(f"the input has no text: {', '.join(every_file)}")
-        print(f"{name}: {n_docs:,} document(s), {n_chars:,} characters in {len(every_file)} file(s)")
+    # the tasks, each with its split; 'auto' picks by document: every k-th one validates
+    k = max(2, round(1 / val_fraction))
+    if train_files is None:
+        n_docs, n_bytes = None, 0
+        tasks = lambda: (('auto', 'docs', batch) for batch in hub_batches(spec['hub']))
+    else:
+        n_bytes = sum(os.path.getsize(f) for f in train_files + val_files)
+        if n_bytes == 0:
+            raise DataError(f"the input has no text (it is empty): {', '.join(train_files + val_files)}")
+        n_docs = count_documents(train_files + val_files, separator)
+        k = min(k, n_docs)  # with fewer than k documents, the last one validates
+        file_tasks = lambda files, split, lo=0, hi=None: [(split, 'file', f, *c) for f in files for c in
+                                                          chunks(f, separator, lo, hi or os.path.getsize(f), tokenizer != 'char')]
+        if val_files:
+            tasks = lambda: file_tasks(train_files, 'train') + file_tasks(val_files, 'val')
+        elif n_docs == 1:  # one document: the last val_fraction of it validates (nanoGPT's split)
+            f, size = train_files[0], os.path.getsize(train_files[0])
+            with open(f, 'rb') as fh:  # the cut, moved off the middle of a multi-byte character
+                fh.seek(int(size * (1 - val_fraction)))
+                cut = fh.tell() + next((i for i, b in enumerate(fh.read(4)) if b & 0xC0 != 0x80), 0)
+            tasks = lambda: file_tasks([f], 'train', 0, cut) + file_tasks([f], 'val', cut, size)
+        else:
+            tasks = lambda: file_tasks(train_files, 'auto')
+        print(f"{name}: {n_bytes / 1e6:,.1f} MB in {len(train_files + val_files)} file(s), ~{n_docs:,} document(s)")
+    # processes pay off beyond a few MB of text: each takes ~0.5 s to start and load the tokenizer
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    workers = workers or (cores if n_bytes == 0 or n_bytes > 8 * CHUNK_BYTES else 1)
 
-    # the tokenizer
+    # Everything is written under temporary names (.tmp) and renamed at the end, tokenizer.json
+    # included: an old dataset stays whole until the new one is complete. On any error, or
+    # Ctrl-C, the temporary files go, and so does a folder this run created.
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    tmp = {f: os.path.join(out_dir, f + '.tmp') for f in ('train.bin', 'val.bin', 'tokenizer.json', 'meta.json')}
+    try:
+        meta = encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, separator, errors, out_dir, tmp)
+    except BaseException:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    meta_path = os.path.join(out_dir, 'meta.json')
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # the old meta.json must not describe the new files, even for a moment
+    for f, path in tmp.items():
+        if os.path.exists(path):
+            os.replace(path, os.path.join(out_dir, f))  # meta.json last: its presence means complete
+    for split in ('train', 'val'):
+        if meta[f'{split}_tokens'] < 1025:
+            print(f"warning: the {split} split has only {meta[f'{split}_tokens']:,} tokens; train.py needs block_size"
+                  f" + 1 tokens per split, so block_size must be at most {max(meta[f'{split}_tokens'] - 1, 0)}")
+    return meta
+
+
+def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, separator, errors, out_dir, tmp):
+    """Make the tokenizer, encode every task and write train.bin, val.bin and meta.json (as .tmp files)."""
+    init = (None, out_dir, None, separator, errors)  # _init_worker's arguments, without a tokenizer yet
     eot = None
-    if tokenizer == 'char':
-        tok_spec, vocab = dict(type='char', chars=sorted(chars)), len(chars)  # sorted: nanoGPT's ids
+    if tokenizer == 'char':  # the characters of the whole text, collected in parallel; sorted gives nanoGPT's ids
+        chars = sorted(set().union(*run_tasks(_chars_of_task, tasks(), workers, init)))
+        tok_spec, vocab = dict(type='char', chars=chars), len(chars)
     elif tokenizer == 'gpt2':
         tok_spec, vocab, eot = dict(type='gpt2'), gpt2_encoding().n_vocab, GPT2_EOT
     else:
-        tok_path = os.path.join(out_dir, 'tokenizer.json')
         if tokenizer == 'bpe':
             print(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens")
-            tok = train_bpe(read(sources['train']) if 'train' in sources else hub_pieces(sources['hub']),
-                            vocab_size, tok_path + '.tmp')
+            _init_worker(*init)
+            texts = (text for task in tasks() if task[0] != 'val' for text in task_texts(task)[0])
+            tok = train_bpe(texts, vocab_size, tmp['tokenizer.json'])
         else:
             tok = need('tokenizers', 'tokenizers').Tokenizer.from_file(tokenizer)
-            tok.save(tok_path + '.tmp')
-        os.replace(tok_path + '.tmp', tok_path)
-        tok_spec, vocab, eot = dict(type='tokenizers', file='tokenizer.json'), tok.get_vocab_size(), hf_eot(tok)
+            tok.save(tmp['tokenizer.json'])
+        tok_spec, vocab = dict(type='tokenizers', file='tokenizer.json'), tok.get_vocab_size()
+        eot = next((i for i in map(tok.token_to_id, EOT_NAMES) if i is not None), None)
     if n_docs == 1:
         eot = None  # a single text has no document ends to learn (and keeps nanoGPT's token counts)
 
-    # uint16 holds ids up to 65,535: half the disk and memory of uint32. A larger vocabulary
-    # switches to uint32, so an id never wraps around silently.
+    # uint16 holds ids up to 65,535: half the disk and memory of uint32; a larger vocabulary
+    # switches to uint32, so an id never wraps around silently
     dtype = 'uint16' if vocab <= 2 ** 16 else 'uint32'
-    if 'hub' in sources:
-        tagged = split_pieces(hub_pieces(sources['hub']), None, 0, val_fraction)
-    elif sources['val']:
-        tagged = itertools.chain((('train', t, e) for t, e in read(sources['train'])),
-                                 (('val', t, e) for t, e in read(sources['val'])))
-    else:
-        tagged = split_pieces(read(sources['train']), n_docs, n_chars, val_fraction)
-    # processes pay off only beyond a few MB of text: they start in ~0.5 s and load the tokenizer
-    workers = workers or (1 if n_chars and n_chars < 16 * PIECE_CHARS else len(os.sched_getaffinity(0))
-                          if hasattr(os, 'sched_getaffinity') else os.cpu_count())
-    t0 = time.time()
-    meta_path = os.path.join(out_dir, 'meta.json')
-    try:
-        counts = encode_to_files(tagged, out_dir, tok_spec, eot, dtype, workers, n_chars)
-        if os.path.exists(meta_path):
-            os.remove(meta_path)  # the old meta.json must not describe the new .bin files, even for a moment
-        for split in ('train', 'val'):
-            os.replace(os.path.join(out_dir, f'{split}.bin.tmp'), os.path.join(out_dir, f'{split}.bin'))
-    finally:
-        for split in ('train', 'val'):  # after an error or Ctrl-C: no temporary file stays behind
-            tmp = os.path.join(out_dir, f'{split}.bin.tmp')
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    t0, counts, doc, bar, made_bar = time.time(), dict(train=0, val=0), 0, None, False
+    # the workers read the new tokenizer from its temporary name
+    work_spec = dict(tok_spec, file='tokenizer.json.tmp') if tok_spec['type'] == 'tokenizers' else tok_spec
+    with open(tmp['train.bin'], 'wb') as train_f, open(tmp['val.bin'], 'wb') as val_f:
+        files = dict(train=train_f, val=val_f)
+        try:
+            init = (work_spec, out_dir, eot, separator, errors)
+            for split, ids, lens, ends in run_tasks(_encode_task, tasks(), workers, init):
+                parts = {split: ids}
+                if split == 'auto':  # document number doc + i validates when (doc + i + 1) % k == 0
+                    is_val = np.repeat((doc + np.arange(len(lens)) + 1) % k == 0, lens)
+                    parts = dict(train=ids[~is_val], val=ids[is_val])
+                    doc += len(lens) - (not ends)
+                for s, part in parts.items():
+                    files[s].write(part.astype(dtype).tobytes())
+                    counts[s] += len(part)
+                if not made_bar:  # once there is progress to show (None without tqdm)
+                    bar, made_bar = progress_bar() if workers > 1 else None, True
+                if bar is not None:
+                    bar.update(len(ids))
+        finally:
+            if bar is not None:
+                bar.close()
+    if counts['train'] == 0:
+        raise DataError("the input has no text to train on (is it only whitespace?)")
     meta = dict(vocab_size=vocab, dtype=dtype, train_tokens=counts['train'], val_tokens=counts['val'],
                 tokenizer=tok_spec, eot_id=eot)
-    with open(meta_path + '.tmp', 'w', encoding='utf-8') as f:
+    with open(tmp['meta.json'], 'w', encoding='utf-8') as f:
         json.dump(meta, f, ensure_ascii=False, indent=1)
-    os.replace(meta_path + '.tmp', meta_path)  # written last: a meta.json means the dataset is complete
-
     dt = time.time() - t0
-    total = counts['train'] + counts['val']
     print(f"{name}: vocab {vocab:,}, {counts['train']:,} train and {counts['val']:,} val tokens ({dtype}) "
-          f"in {out_dir}; {total / dt:,.0f} tokens/s on {workers} process(es)")
-    for split in ('train', 'val'):
-        if counts[split] < 1025:
-            print(f"warning: the {split} split has only {counts[split]:,} tokens; train.py needs block_size + 1 "
-                  f"tokens per split, so block_size must be at most {max(counts[split] - 1, 0)}")
+          f"in {out_dir}; {(counts['train'] + counts['val']) / dt:,.0f} tokens/s on {workers} process(es)")
     return meta
 
 

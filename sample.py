@@ -43,6 +43,10 @@ if max_new_tokens <= 0:
     fail(f"max_new_tokens must be at least 1, not {max_new_tokens}")
 if temperature < 0:
     fail(f"temperature must be >= 0 (0 is greedy), not {temperature}")
+if top_k < 0:
+    fail(f"top_k must be >= 0 (0 keeps every token), not {top_k}")
+if num_samples < 1:
+    fail(f"num_samples must be at least 1, not {num_samples}")
 torch.manual_seed(seed)
 ctx = autocast_context(device, dtype)
 
@@ -52,7 +56,10 @@ if init_from != 'resume':
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.isfile(ckpt_path):
     fail(f"no checkpoint at {ckpt_path}: train one first (python train.py ...), or fix --out_dir")
-model, checkpoint = load_checkpoint(ckpt_path, device, dropout=0.0)
+try:
+    model, checkpoint = load_checkpoint(ckpt_path, device, dropout=0.0)
+except ValueError as e:
+    fail(e)
 model.eval()
 
 # the tokenizer of the data the model was trained on
@@ -64,14 +71,20 @@ try:
 except DataError as e:
     fail(e)
 eot = meta.get('eot_id')
+if meta['vocab_size'] > model.config.vocab_size:
+    fail(f"data/{dataset} now has a vocabulary of {meta['vocab_size']:,}, but the model was trained on "
+         f"{model.config.vocab_size:,}: prepare the dataset again as it was for this model")
 
 # the prompt
 if start.startswith('FILE:'):
     path = start[len('FILE:'):]
     if not os.path.isfile(path):
         fail(f"prompt file '{path}' not found")
-    with open(path, encoding='utf-8') as f:
-        start = f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            start = f.read()
+    except UnicodeDecodeError as e:
+        fail(f"prompt file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")
 if not start:
     fail("the prompt is empty: give at least one token with --start=TEXT (the default is a newline)")
 try:
@@ -84,7 +97,7 @@ x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num
 
 # generate
 with torch.no_grad(), ctx:
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, vocab_size=meta['vocab_size'])
 for row in y.tolist():
     new = row[len(start_ids):]
     if stop_at_eot and eot in new:

@@ -202,6 +202,17 @@ def test_help_lists_every_setting(scope, capsys):
 
 
 # -----------------------------------------------------------------------------
+@pytest.mark.parametrize('text, fragments', [
+    ("batch_size = 4\nlearning_rate = 1e-3 *\n", [':2:', 'invalid syntax']),
+    ("batch_size = 4\n\nlearning_rate = base_lr / 10\n", [':3:', 'NameError', 'base_lr']),
+])
+def test_config_file_mistakes_name_the_line(scope, tmp_path, text, fragments):
+    """A syntax error or a failing line in a config file: one line with the file and line number."""
+    path = config_file(tmp_path, 'bad.py', text)
+    message = stops(scope, [path])
+    assert path in message and all(f in message for f in fragments), message
+
+
 # the real script
 
 

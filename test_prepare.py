@@ -23,6 +23,7 @@ import torch
 from test_scripts import ROOT, TINY, assert_one_line_error, run
 
 sys.path.insert(0, ROOT)
+import prepare  # noqa: E402
 from prepare import gpt2_encoding  # noqa: E402
 
 tokenizers = pytest.importorskip('tokenizers', reason='pip install -r requirements-test.txt')
@@ -104,6 +105,27 @@ def test_tinystories_from_the_hub_honours_hf_endpoint(repo, tmp_path):
     assert ids['train'].tolist() == expected_gpt2(train_docs) and ids['val'].tolist() == expected_gpt2(val_docs)
 
 
+def test_openwebtext_streams_from_parquet(tmp_path, monkeypatch):
+    """openwebtext's route: the hub's parquet conversion, streamed through datasets, stood in for
+    by a local folder of parquet files in the same layout. nanoGPT's 0.05 % split: with 4,000
+    documents, numbers 1,999 and 3,999 validate; every document ends with 50256."""
+    pq = pytest.importorskip('pyarrow.parquet', reason='pip install -r requirements-test.txt (datasets)')
+    pytest.importorskip('datasets', reason='pip install -r requirements-test.txt')
+    import pyarrow as pa
+    docs = stories(4000, 11)
+    (tmp_path / 'hub' / 'plain_text').mkdir(parents=True)
+    pq.write_table(pa.table({'text': docs}), tmp_path / 'hub' / 'plain_text' / 'train-00000-of-00001.parquet')
+    monkeypatch.setattr(prepare, 'DATA_DIR', str(tmp_path / 'data'))
+    monkeypatch.setitem(prepare.DATASETS['openwebtext'], 'hub', str(tmp_path / 'hub'))
+    meta = prepare.prepare('openwebtext', workers=2)
+    data = tmp_path / 'data' / 'openwebtext'
+    val = [d for i, d in enumerate(docs) if (i + 1) % 2000 == 0]
+    train = [d for i, d in enumerate(docs) if (i + 1) % 2000 != 0]
+    assert np.fromfile(data / 'val.bin', dtype=np.uint16).tolist() == expected_gpt2(val)
+    assert np.fromfile(data / 'train.bin', dtype=np.uint16).tolist() == expected_gpt2(train)
+    assert meta['eot_id'] == 50256 and meta['tokenizer'] == {'type': 'gpt2'}
+
+
 def test_hub_unreachable_shows_the_local_route(repo):
     env = dict(os.environ, HF_ENDPOINT='http://127.0.0.1:9')  # nothing listens on port 9
     p = subprocess.run([sys.executable, 'prepare.py', 'tinystories'], cwd=repo, env=env, capture_output=True, text=True)
@@ -114,7 +136,7 @@ def test_hub_unreachable_shows_the_local_route(repo):
 
 def test_chinese_characters_train_and_sample(repo, tmp_path):
     """A Chinese text with thousands of distinct characters, at character level: vocabulary, exact
-    90/10 split, then train a few steps and sample from a Chinese prompt."""
+    90/10 split of the bytes, then train a few steps and sample from a Chinese prompt."""
     rng = random.Random(0)
     hanzi = [chr(0x4E00 + i) for i in range(3000)]
     text = '\n'.join(''.join(rng.choice(hanzi) for _ in range(rng.randint(10, 60))) + '。' for _ in range(1500))
@@ -124,7 +146,10 @@ def test_chinese_characters_train_and_sample(repo, tmp_path):
     meta, ids = read(repo, 'novel')
     chars = sorted(set(text))
     assert meta['vocab_size'] == len(chars) > 2900 and meta['tokenizer']['chars'] == chars
-    cut = int(len(text) * 0.9)
+    # the last 10 % of the bytes validates, the cut moved forward to the start of a character
+    raw = text.encode()
+    cut = int(len(raw) * 0.9)
+    cut = len(raw[:cut + next(i for i in range(4) if raw[cut + i] & 0xC0 != 0x80)].decode())
     assert ''.join(chars[i] for i in ids['train']) == text[:cut]
     assert ''.join(chars[i] for i in ids['val']) == text[cut:]
     assert meta['eot_id'] is None
@@ -190,15 +215,37 @@ def test_tokenizer_over_65536_ids_is_stored_as_uint32(repo, tmp_path):
 
 
 def test_workers_give_identical_files(repo, tmp_path):
-    """Encoding on 2 processes writes the same bytes as on 1 (the order is kept)."""
-    tinystories_file(tmp_path / 'train.txt', stories(3000, 6))
+    """Encoding on 2 processes writes the same bytes as on 1 (the order is kept); ~4 MB: 4 chunks."""
+    tinystories_file(tmp_path / 'train.txt', stories(12000, 6))
     out = []
     for w in (1, 2):
         run(repo, 'prepare.py', 'tinystories', f'--input={tmp_path / "train.txt"}', f'--workers={w}')
         out.append([(repo / 'data' / 'tinystories' / f).read_bytes() for f in ('train.bin', 'val.bin', 'meta.json')])
     assert out[0] == out[1]
     meta, ids = read(repo, 'tinystories')
-    assert len(ids['train']) + len(ids['val']) == len(expected_gpt2(stories(3000, 6)))
+    assert len(ids['train']) + len(ids['val']) == len(expected_gpt2(stories(12000, 6)))
+
+
+def test_chunks_encode_to_the_tokens_of_the_whole(tmp_path, monkeypatch):
+    """A document without separators is cut at line ends where BPE pre-tokenizers always split:
+    the chunks, encoded one by one, give exactly the ids of the whole text, for GPT-2 BPE and for
+    a byte-level BPE of Hugging Face tokenizers. Chinese indentation (U+3000), no-break spaces,
+    trailing spaces and blank lines are the hard cases."""
+    rng = random.Random(9)
+    pieces = ['Once upon a time', '  indented', '\u3000\u3000第一回', '他说。', 'a\u00a0b', 'end  ', '', '\t tab', "it's"]
+    text = '\n'.join(rng.choice(pieces) + rng.choice(['', ' x', '!']) for _ in range(3000))
+    path = tmp_path / 'doc.txt'
+    path.write_text(text, encoding='utf-8')
+    raw = path.read_bytes()
+    monkeypatch.setattr(prepare, 'CHUNK_BYTES', 200)
+    cuts = prepare.chunks(str(path), None, 0, len(raw))
+    assert len(cuts) > 50 and cuts[0][0] == 0 and cuts[-1][1] == len(raw)
+    assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))  # contiguous
+    parts = [raw[s:e].decode() for s, e, _ in cuts]
+    enc = gpt2_encoding()
+    assert [i for p in parts for i in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
+    bpe = prepare.train_bpe([text], 500, str(tmp_path / 'tok.json'))
+    assert [i for p in parts for i in bpe.encode(p).ids] == bpe.encode(text).ids
 
 
 def test_killed_run_leaves_the_old_dataset_intact(repo, tmp_path):

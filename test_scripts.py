@@ -162,6 +162,41 @@ def test_train_resume_sample(repo):
     assert greedy[0] == greedy[1]
 
 
+def test_first_loss_is_ln_vocab_with_any_accumulation(repo):
+    """At initialisation every one of the 65 characters is about equally likely, so the logged
+    loss of step 0 is about ln 65 = 4.17, whether the batch comes in 1 or 4 micro-steps (the
+    micro-step losses are divided by their number, so they add up to the mean)."""
+    for accum in (1, 4):
+        p = run(repo, 'train.py', *TINY, f'--gradient_accumulation_steps={accum}', '--max_iters=1',
+                '--eval_interval=100', f'--out_dir=out-accum{accum}')
+        assert logged(p.stdout, 'loss')[0] == pytest.approx(math.log(65), abs=0.05), accum
+
+
+def test_targets_are_the_next_tokens(repo, tmp_path):
+    """On a text that cycles through the alphabet, a model learns to predict the next letter only
+    if each target is the token after its input (y[t] = x[t + 1]): greedy sampling continues it."""
+    (tmp_path / 'abc.txt').write_text('abcdefghijklmnopqrstuvwxyz\n' * 3000, encoding='utf-8')
+    run(repo, 'prepare.py', 'abc', f'--input={tmp_path / "abc.txt"}', '--tokenizer=char')
+    run(repo, 'train.py', *TINY, '--dataset=abc', '--max_iters=60', '--eval_interval=60', '--learning_rate=1e-2',
+        '--warmup_iters=0', '--batch_size=8', '--out_dir=out-abc')
+    p = run(repo, 'sample.py', '--out_dir=out-abc', '--start=abc', '--temperature=0', '--num_samples=1',
+            '--max_new_tokens=30')
+    assert p.stdout.startswith('abcdefghijklmnopqrstuvwxyz\nabcd'), p.stdout
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
+def test_mixed_precision_on_the_cpu(repo, dtype):
+    """CPU autocast in both half types; float16 goes through the GradScaler, whose state the
+    checkpoint keeps and the resumed run continues from."""
+    common = [*TINY, f'--dtype={dtype}', '--eval_interval=3', f'--out_dir=out-{dtype}']
+    first = run(repo, 'train.py', *common, '--max_iters=3')
+    second = run(repo, 'train.py', *common, '--max_iters=5', '--init_from=resume')
+    losses = {**logged(first.stdout, 'loss'), **logged(second.stdout, 'loss')}
+    assert sorted(losses) == list(range(5)) and all(math.isfinite(v) and v < 4.5 for v in losses.values())
+    scaler = torch.load(repo / f'out-{dtype}' / 'ckpt.pt', weights_only=True)['scaler']
+    assert (scaler.get('scale', 0) > 0) == (dtype == 'float16')
+
+
 def test_eval_only_and_checkpoint_keys(repo):
     """eval_only evaluates and writes nothing; a checkpoint keeps the keys nanoGPT's scripts read."""
     run(repo, 'train.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out-keys')
@@ -184,6 +219,10 @@ def test_eval_only_and_checkpoint_keys(repo):
     ('train.py', [*TINY, '--block_size=500000'], ['val split', '111,540 tokens', 'block_size']),
     ('train.py', [*TINY, '--device=cuda'], ["device 'cuda' is not available", 'cpu']),
     ('train.py', [*TINY, '--init_from=resume', '--out_dir=out-none'], ['no checkpoint', 'out-none']),
+    ('train.py', [*TINY, '--eval_interval=0'], ['eval_interval', 'at least 1']),
+    ('train.py', [*TINY, '--learning_rate=-1.0'], ['learning_rate', 'negative']),
+    ('train.py', [*TINY, '--dropout=1.0'], ['dropout', '[0, 1)']),
+    ('train.py', [*TINY, '--n_head=0'], ['n_head', 'positive']),
     ('sample.py', ['--out_dir=out-none'], ['no checkpoint', 'out-none']),
     ('prepare.py', ['nope'], ['nope', 'shakespeare_char']),
 ])
@@ -206,5 +245,31 @@ def test_sample_bad_prompts(repo):
     assert_one_line_error(sample('--start='), 'empty')
     assert_one_line_error(sample('--max_new_tokens=0'), 'max_new_tokens')
     assert_one_line_error(sample('--temperature=-1'), 'temperature')
+    assert_one_line_error(sample('--top_k=-1'), 'top_k')
+    assert_one_line_error(sample('--num_samples=0'), 'num_samples')
+    (repo / 'latin1.txt').write_bytes('Ren\u00e9e'.encode('latin-1'))
+    assert_one_line_error(sample('--start=FILE:latin1.txt'), 'latin1.txt', 'not UTF-8', 'offset 3')
     p = sample('--start=' + 'a' * 40)  # longer than block_size 16: said once, then cropped
     assert p.returncode == 0 and p.stdout.count('the model sees only the last 16') == 1
+
+
+def test_broken_checkpoint_and_wrong_dataset(repo, tmp_path):
+    """A truncated ckpt.pt, and resuming on a dataset of another vocabulary: one line each."""
+    run(repo, 'train.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out-broken')
+    ckpt = repo / 'out-broken' / 'ckpt.pt'
+    (tmp_path / 'digits.txt').write_text('0123456789' * 300, encoding='utf-8')
+    run(repo, 'prepare.py', 'digits', f'--input={tmp_path / "digits.txt"}', '--tokenizer=char')
+    p = run(repo, 'train.py', *TINY, '--dataset=digits', '--init_from=resume', '--out_dir=out-broken', ok=False)
+    assert_one_line_error(p, '65 tokens', '10', '--dataset=shakespeare_char')
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    for script, args in (('train.py', [*TINY, '--init_from=resume']), ('sample.py', [])):
+        p = run(repo, script, *args, '--out_dir=out-broken', ok=False)
+        assert_one_line_error(p, 'cannot load checkpoint', 'ckpt.pt')
+
+
+def test_missing_bin_file(repo, tmp_path):
+    (tmp_path / 'digits.txt').write_text('0123456789' * 300, encoding='utf-8')
+    run(repo, 'prepare.py', 'gone', f'--input={tmp_path / "digits.txt"}', '--tokenizer=char')
+    os.remove(repo / 'data' / 'gone' / 'val.bin')
+    p = run(repo, 'train.py', *TINY, '--dataset=gone', ok=False)
+    assert_one_line_error(p, 'val.bin is missing', 'python prepare.py gone')

@@ -33,8 +33,8 @@ always_save_checkpoint = True  # save at every evaluation, not only when val los
 init_from = 'scratch'  # 'scratch' | 'resume' (from out_dir/ckpt.pt)
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
-wandb_project = 'owt'
-wandb_run_name = 'gpt2'
+wandb_project = 'owt'  # the W&B project the run is logged under
+wandb_run_name = 'gpt2'  # the run's name in that project
 # data
 dataset = 'openwebtext'  # data/<dataset>/, made by prepare.py
 gradient_accumulation_steps = 40  # micro-batches per optimizer step
@@ -51,8 +51,8 @@ flash = True  # True: fused attention; False: the manual masked attention, to st
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # optimizer steps in total
 weight_decay = 1e-1  # on 2-D weights only
-beta1 = 0.9
-beta2 = 0.95
+beta1 = 0.9  # decay of the running mean of gradients
+beta2 = 0.95  # decay of the running mean of squared gradients (0.95, not 0.999: steadier for large models)
 grad_clip = 1.0  # clip the gradient norm at this value; 0.0 disables
 # learning-rate schedule
 decay_lr = True  # linear warmup then cosine decay; False keeps learning_rate constant
@@ -66,6 +66,12 @@ compile = False  # torch.compile the model (PyTorch 2)
 seed = 1337  # seeds the initialisation, dropout and the order of batches
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals())  # config files and --key=value flags
+for name in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
+    if config[name] < 1:
+        fail(f"{name} must be at least 1, not {config[name]}")
+for name in ('max_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'warmup_iters', 'seed'):
+    if config[name] < 0:
+        fail(f"{name} must not be negative, not {config[name]}")
 
 # -----------------------------------------------------------------------------
 # setup: device, precision, seeds
@@ -86,10 +92,6 @@ try:
     os.makedirs(out_dir, exist_ok=True)
 except OSError as e:
     fail(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another with --out_dir=PATH")
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-print(f"device {device}, dtype {dtype}; {tokens_per_iter:,} tokens per iteration "
-      f"({gradient_accumulation_steps} x {batch_size} x {block_size})")
-
 # -----------------------------------------------------------------------------
 # data
 data_dir = os.path.join(DATA_DIR, dataset)
@@ -97,6 +99,9 @@ try:
     meta = load_meta(data_dir)
 except DataError as e:
     fail(e)
+for split in ('train', 'val'):
+    if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
+        fail(f"{data_dir}/{split}.bin is missing: run 'python prepare.py {dataset}' again")
 
 
 def get_batch(split, stream):
@@ -120,7 +125,8 @@ def get_batch(split, stream):
 iter_num = 0  # optimizer steps taken so far
 best_val_loss = float('inf')
 # GPUs run matmuls fastest on multiples of 64: GPT-2's 50257 tokens become 50304 (the extra rows
-# are never a target, so training pushes their logits down). Small vocabularies stay exact, so
+# are never a target, so training pushes their logits down; sample.py never draws them). Below
+# 4096 tokens the matmul is too small for this to matter, so small vocabularies stay exact and
 # the first loss of a character model reads ln(65) = 4.17.
 vocab_size = meta['vocab_size'] if meta['vocab_size'] < 4096 else 64 * math.ceil(meta['vocab_size'] / 64)
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
@@ -138,7 +144,13 @@ elif init_from == 'resume':
         fail(f"no checkpoint to resume at {ckpt_path}: train with --init_from=scratch first, or fix --out_dir")
     print(f"resuming from {ckpt_path}")
     # the architecture is the checkpoint's; dropout and the attention path may change on resume
-    model, checkpoint = load_checkpoint(ckpt_path, device, dropout=dropout, flash=flash)
+    try:
+        model, checkpoint = load_checkpoint(ckpt_path, device, dropout=dropout, flash=flash)
+    except ValueError as e:
+        fail(e)
+    if checkpoint['model_args']['vocab_size'] != vocab_size:
+        fail(f"the checkpoint's vocabulary has {checkpoint['model_args']['vocab_size']:,} tokens, data/{dataset}'s "
+             f"{vocab_size:,}: resume with the dataset it was trained on (--dataset={checkpoint['config']['dataset']})")
     for k, v in checkpoint['model_args'].items():
         if k not in ('dropout', 'flash') and v != model_args[k]:
             print(f"  {k} = {v} from the checkpoint (the settings say {model_args[k]})")
@@ -146,11 +158,18 @@ elif init_from == 'resume':
     block_size = model_args['block_size']
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
-    torch.set_rng_state(checkpoint['rng_state'])  # dropout continues as if never stopped
+    # dropout continues as if never stopped (the CPU generator's state is a CPU tensor whatever map_location)
+    torch.set_rng_state(checkpoint['rng_state'].cpu())
+    if device_type == 'cuda' and 'cuda_rng_state' in checkpoint:
+        torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
 else:
     fail(f"init_from must be 'scratch' or 'resume', not '{init_from}'")
 model.to(device)
+config['block_size'] = block_size  # the resolved value, as the checkpoint's config records it
 print(f"{model.get_num_params() / 1e6:.2f}M parameters")
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+print(f"device {device}, dtype {dtype}; {tokens_per_iter:,} tokens per iteration "
+      f"({gradient_accumulation_steps} x {batch_size} x {block_size})")
 for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inputs and one more target
     n_tokens = meta[f'{split}_tokens']
     if n_tokens < block_size + 1:
@@ -161,8 +180,11 @@ for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inpu
 # optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    scaler.load_state_dict(checkpoint['scaler'])
+    optimizer.load_state_dict(checkpoint['optimizer'])  # Adam's moments; its settings are today's:
+    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):
+        group.update(betas=(beta1, beta2), weight_decay=decay)
+    if scaler.is_enabled() and checkpoint['scaler']:  # float16 on both runs: keep the loss scale it found
+        scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free the memory the loaded tensors hold
 
 raw_model = model  # the uncompiled module: its state_dict names have no '_orig_mod.' prefix
@@ -222,6 +244,8 @@ def save_checkpoint():
         'config': config,
         'rng_state': torch.get_rng_state(),
     }
+    if device_type == 'cuda':
+        checkpoint['cuda_rng_state'] = torch.cuda.get_rng_state()
     path = os.path.join(out_dir, 'ckpt.pt')
     # write a temporary file, then rename it: a crash mid-write never leaves a broken ckpt.pt
     torch.save(checkpoint, path + '.tmp')
