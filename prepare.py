@@ -244,11 +244,11 @@ def hub_batches(repo, n=256):
 _worker = {}  # this process's settings and encoder, set once by _init_worker
 
 
-def _init_worker(spec, data_dir, eot, separator, errors):
+def _init_worker(spec, data_dir, eot, separator, errors, dtype='uint32'):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     # a line holding only the separator (this form splits 4x faster than one with (?m)^...$)
     sep = re.compile(rf'\n[ \t]*{re.escape(separator)}[ \t]*(?=\n|\Z)') if separator else None
-    _worker.update(encode=array_encoder(spec, data_dir) if spec else None, eot=eot, sep=sep, errors=errors)
+    _worker.update(encode=array_encoder(spec, data_dir) if spec else None, eot=eot, sep=sep, errors=errors, dtype=dtype)
 
 
 def task_texts(task):
@@ -282,7 +282,7 @@ def _encode_task(task):
         eot = np.array([eot], dtype=np.uint32)
         arrays = [x for i, a in enumerate(arrays) for x in ((a, eot) if i < n_ends else (a,))]
     ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32)
-    return task[0], ids, lens, ends
+    return task[0], ids.astype(_worker['dtype']), lens, ends  # uint16: half the bytes to send back
 
 
 def _chars_of_task(task):
@@ -453,7 +453,7 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
     with open(tmp['train.bin'], 'wb') as train_f, open(tmp['val.bin'], 'wb') as val_f:
         files = dict(train=train_f, val=val_f)
         try:
-            init = (work_spec, out_dir, eot, separator, errors)
+            init = (work_spec, out_dir, eot, separator, errors, dtype)
             for split, ids, lens, ends in run_tasks(_encode_task, tasks(), workers, init):
                 parts = {split: ids}
                 if split == 'auto':  # document number doc + i validates when (doc + i + 1) % k == 0
@@ -461,7 +461,7 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
                     parts = dict(train=ids[~is_val], val=ids[is_val])
                     doc += len(lens) - (not ends)
                 for s, part in parts.items():
-                    files[s].write(part.astype(dtype).tobytes())
+                    files[s].write(memoryview(part))
                     counts[s] += len(part)
                 if not made_bar:  # once there is progress to show (None without tqdm)
                     bar, made_bar = progress_bar() if workers > 1 else None, True
