@@ -329,6 +329,9 @@ def load_checkpoint(path, device, **overrides):
     except Exception as e:  # truncated, not a checkpoint, or holding objects that are not plain data
         first_line = (str(e).strip().splitlines() or [''])[0]
         raise ValueError(f"cannot load checkpoint {path} ({type(e).__name__}: {first_line})") from None
+    if not isinstance(checkpoint, dict) or not {'model', 'model_args', 'iter_num'} <= checkpoint.keys():
+        raise ValueError(f"cannot load checkpoint {path}: it is not one written by train.py or nanoGPT "
+                         f"(no 'model', 'model_args' and 'iter_num' in it)")
     model = GPT(GPTConfig(**dict(checkpoint['model_args'], **overrides)))
     # a model saved after torch.compile has its names prefixed with '_orig_mod.'
     state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}

@@ -253,18 +253,40 @@ def test_sample_bad_prompts(repo):
     assert p.returncode == 0 and p.stdout.count('the model sees only the last 16') == 1
 
 
-def test_broken_checkpoint_and_wrong_dataset(repo, tmp_path):
-    """A truncated ckpt.pt, and resuming on a dataset of another vocabulary: one line each."""
+class Payload:
+    """An object whose unpickling would create a file: what a malicious checkpoint carries."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_broken_foreign_and_malicious_checkpoints(repo, tmp_path):
+    """Resuming on a dataset of another vocabulary, a truncated file, a foreign file, and a
+    file built to run code when unpickled: one line each, and the code never runs."""
     run(repo, 'train.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out-broken')
-    ckpt = repo / 'out-broken' / 'ckpt.pt'
+    out = repo / 'out-broken'
     (tmp_path / 'digits.txt').write_text('0123456789' * 300, encoding='utf-8')
     run(repo, 'prepare.py', 'digits', f'--input={tmp_path / "digits.txt"}', '--tokenizer=char')
     p = run(repo, 'train.py', *TINY, '--dataset=digits', '--init_from=resume', '--out_dir=out-broken', ok=False)
-    assert_one_line_error(p, '65 tokens', '10', '--dataset=shakespeare_char')
-    ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    for script, args in (('train.py', [*TINY, '--init_from=resume']), ('sample.py', [])):
-        p = run(repo, script, *args, '--out_dir=out-broken', ok=False)
-        assert_one_line_error(p, 'cannot load checkpoint', 'ckpt.pt')
+    assert_one_line_error(p, 'vocab_size = 65', 'vocab_size = 10', '--dataset=shakespeare_char')
+    good = (out / 'last.pt').read_bytes()
+    marker = tmp_path / 'pwned'
+    torch.save({'model': Payload(str(marker)), 'model_args': {}, 'iter_num': 0}, tmp_path / 'evil.pt')
+    torch.save({'weights': torch.zeros(3)}, tmp_path / 'foreign.pt')
+    for bad, fragment in ((good[:1000], 'cannot load checkpoint'), ((tmp_path / 'foreign.pt').read_bytes(), "no 'model'"),
+                          ((tmp_path / 'evil.pt').read_bytes(), 'cannot load checkpoint')):
+        for name in ('last.pt', 'ckpt.pt'):
+            (out / name).write_bytes(bad)
+        for script, args in (('train.py', [*TINY, '--init_from=resume', '--max_iters=2']), ('sample.py', [])):
+            p = run(repo, script, *args, '--out_dir=out-broken', ok=False)
+            assert_one_line_error(p, fragment, '.pt')
+    assert not marker.exists()  # weights_only=True: the payload was refused, not run
+    pickle_ok = tmp_path / 'control.pt'  # the control: plain unpickling does run it
+    torch.save(Payload(str(marker)), pickle_ok)
+    torch.load(pickle_ok, weights_only=False)
+    assert marker.exists()
 
 
 def test_missing_bin_file(repo, tmp_path):

@@ -4,40 +4,48 @@ Trains a GPT. On a laptop CPU, a character-level model of Shakespeare in a few m
     python prepare.py shakespeare_char
     python train.py config/train_shakespeare_char_cpu.py
 
+On 8 GPUs of one machine, or on 2 machines of 8 (see the README for multi-node launches):
+
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
 The defaults below train GPT-2 124M on OpenWebText. A config file and --key=value flags
 override them (configurator.py); python train.py --help lists them all. The script reads top
-to bottom: settings, setup, data, model, optimizer, then the training loop.
+to bottom: settings, setup, data, model, optimizer, checkpoints, then the training loop.
 """
 
+import contextlib
 import math
 import os
+import signal
+import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import configurator
-from configurator import fail
 from model import GPT, GPTConfig, autocast_context, load_checkpoint, peak_flops, pick_device, pick_dtype
 from prepare import DATA_DIR, DataError, load_meta
 
 # -----------------------------------------------------------------------------
 # settings
 # I/O
-out_dir = 'out'  # folder for ckpt.pt
-eval_interval = 2000  # iterations between evaluations (and checkpoints)
+out_dir = 'out'  # folder for ckpt.pt (the best model) and last.pt (the latest state)
+eval_interval = 2000  # iterations between evaluations (and saves of ckpt.pt)
 log_interval = 1  # iterations between log lines
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once, then exit
-always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
-init_from = 'scratch'  # 'scratch' | 'resume' (from out_dir/ckpt.pt)
+always_save_checkpoint = True  # save ckpt.pt at every evaluation, not only when val loss improves
+checkpoint_interval = 0  # iterations between saves of last.pt; 0: at every evaluation
+init_from = 'scratch'  # 'scratch' | 'resume' (from out_dir/last.pt, else out_dir/ckpt.pt)
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
 wandb_project = 'owt'  # the W&B project the run is logged under
 wandb_run_name = 'gpt2'  # the run's name in that project
 # data
 dataset = 'openwebtext'  # data/<dataset>/, made by prepare.py
-gradient_accumulation_steps = 40  # micro-batches per optimizer step
+gradient_accumulation_steps = 40  # micro-batches per optimizer step, over all processes together
 batch_size = 12  # sequences per micro-batch
 block_size = 1024  # context length, in tokens
 # model
@@ -60,38 +68,62 @@ warmup_iters = 2000  # steps of linear warmup
 lr_decay_iters = 600000  # step where the cosine reaches min_lr; ~max_iters (Chinchilla)
 min_lr = 6e-5  # floor of the schedule; ~learning_rate / 10 (Chinchilla)
 # system
-device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps' (under torchrun: each process its own GPU)
 dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16' (float16 uses a GradScaler)
 compile = False  # torch.compile the model (PyTorch 2)
+fsdp = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of copying them (DDP)
 seed = 1337  # seeds the initialisation, dropout and the order of batches
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals())  # config files and --key=value flags
+
+# -----------------------------------------------------------------------------
+# setup: processes, device, precision, seeds
+# torchrun starts one process per GPU (or CPU worker) and tells each its RANK and WORLD_SIZE
+ddp = 'RANK' in os.environ
+rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+master = rank == 0  # the one process that logs and writes checkpoints
+
+
+def fail(message):
+    """One line from the master process (every process exits: they all found the same mistake)."""
+    configurator.fail(message) if master else sys.exit(1)
+
+
+log = print if master else (lambda *args, **kwargs: None)
 for name in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
     if config[name] < 1:
         fail(f"{name} must be at least 1, not {config[name]}")
-for name in ('max_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'warmup_iters', 'seed'):
+for name in ('max_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'warmup_iters', 'seed',
+             'checkpoint_interval'):
     if config[name] < 0:
         fail(f"{name} must not be negative, not {config[name]}")
-
-# -----------------------------------------------------------------------------
-# setup: device, precision, seeds
+if gradient_accumulation_steps % world:
+    fail(f"gradient_accumulation_steps {gradient_accumulation_steps} is not divisible by the {world} processes: "
+         f"make it a multiple of {world}")
+micro_steps = gradient_accumulation_steps // world  # this process's share of each optimizer step
 try:
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
 except ValueError as e:
     fail(e)
+if ddp and device.startswith('cuda'):
+    device = f'cuda:{local_rank}'  # one GPU per process
+    torch.cuda.set_device(device)
+if ddp:  # NCCL between GPUs; Gloo between CPU processes (which is how the tests run this path)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
 config.update(device=device, dtype=dtype)  # the resolved values go into the checkpoint
 device_type = device.split(':')[0]  # 'cuda' | 'mps' | 'cpu', for autocast and the optimizer
-torch.manual_seed(seed)
+torch.manual_seed(seed)  # the same on every process: the same initial weights everywhere
 torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere+ GPUs; no effect on the CPU
 ctx = autocast_context(device, dtype)
-# float16's narrow range underflows small gradients: scale the loss up, unscale before the step.
-# bfloat16 has float32's range and needs no scaler; enabled=False makes it a no-op.
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-try:
+try:  # a file written and removed now, rather than an error after hours of training
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f'.write-test-{rank}'), 'w'):
+        pass
+    os.remove(os.path.join(out_dir, f'.write-test-{rank}'))
 except OSError as e:
-    fail(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another with --out_dir=PATH")
+    fail(f"cannot write to out_dir '{out_dir}' ({e.strerror}): choose another with --out_dir=PATH")
+
 # -----------------------------------------------------------------------------
 # data
 data_dir = os.path.join(DATA_DIR, dataset)
@@ -133,68 +165,98 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=vocab_size, bias=bias, dropout=dropout, flash=flash)
 checkpoint = None
 if init_from == 'scratch':
-    print(f"a new model from scratch, vocab_size {vocab_size}")
+    log(f"a new model from scratch, vocab_size {vocab_size}")
     try:
         model = GPT(GPTConfig(**model_args))
     except ValueError as e:
         fail(e)
 elif init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.isfile(ckpt_path):
-        fail(f"no checkpoint to resume at {ckpt_path}: train with --init_from=scratch first, or fix --out_dir")
-    print(f"resuming from {ckpt_path}")
-    # the architecture is the checkpoint's; dropout and the attention path may change on resume
-    try:
+    # last.pt is the latest state; a folder written by nanoGPT (or with last.pt deleted) has ckpt.pt
+    ckpt_path = next((p for p in (os.path.join(out_dir, f) for f in ('last.pt', 'ckpt.pt')) if os.path.isfile(p)), None)
+    if ckpt_path is None:
+        fail(f"no checkpoint to resume in {out_dir}: train with --init_from=scratch first, or fix --out_dir")
+    log(f"resuming from {ckpt_path}")
+    try:  # dropout and the attention path may change on resume; the weights' shapes may not
         model, checkpoint = load_checkpoint(ckpt_path, device, dropout=dropout, flash=flash)
     except ValueError as e:
         fail(e)
-    if checkpoint['model_args']['vocab_size'] != vocab_size:
-        fail(f"the checkpoint's vocabulary has {checkpoint['model_args']['vocab_size']:,} tokens, data/{dataset}'s "
-             f"{vocab_size:,}: resume with the dataset it was trained on (--dataset={checkpoint['config']['dataset']})")
     for k, v in checkpoint['model_args'].items():
-        if k not in ('dropout', 'flash') and v != model_args[k]:
-            print(f"  {k} = {v} from the checkpoint (the settings say {model_args[k]})")
-    model_args = dict(checkpoint['model_args'], dropout=dropout, flash=flash)
-    block_size = model_args['block_size']
+        if k in model_args and k not in ('dropout', 'flash') and v != model_args[k]:
+            hint = (f"resume on the dataset it was trained on (--dataset={checkpoint['config'].get('dataset')})"
+                    if k == 'vocab_size' else "give the settings it was trained with (the same config file)")
+            fail(f"the checkpoint has {k} = {v}, the settings say {k} = {model_args[k]}: {hint}")
+    for k, v in checkpoint.get('config', {}).items():  # what may change is allowed, and said
+        if k in config and k not in model_args and k not in ('init_from', 'device', 'dtype') and v != config[k]:
+            log(f"  {k}: {v} in the checkpoint, now {config[k]}")
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
-    # dropout continues as if never stopped (the CPU generator's state is a CPU tensor whatever map_location)
-    torch.set_rng_state(checkpoint['rng_state'].cpu())
+    # dropout continues as if never stopped (a CPU tensor, whatever map_location did)
+    if 'rng_state' in checkpoint:
+        torch.set_rng_state(checkpoint['rng_state'].cpu())
     if device_type == 'cuda' and 'cuda_rng_state' in checkpoint:
         torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
 else:
     fail(f"init_from must be 'scratch' or 'resume', not '{init_from}'")
 model.to(device)
-config['block_size'] = block_size  # the resolved value, as the checkpoint's config records it
-print(f"{model.get_num_params() / 1e6:.2f}M parameters")
+log(f"{model.get_num_params() / 1e6:.2f}M parameters")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-print(f"device {device}, dtype {dtype}; {tokens_per_iter:,} tokens per iteration "
-      f"({gradient_accumulation_steps} x {batch_size} x {block_size})")
+log(f"device {device}, dtype {dtype}, {world} process(es); {tokens_per_iter:,} tokens per iteration "
+    f"({gradient_accumulation_steps} x {batch_size} x {block_size})")
 for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inputs and one more target
     n_tokens = meta[f'{split}_tokens']
     if n_tokens < block_size + 1:
         fail(f"the {split} split of '{dataset}' has {n_tokens:,} tokens, fewer than block_size + 1 = "
              f"{block_size + 1}: lower --block_size or give the split more text")
 
+raw_model = model  # the plain module: its state_dict names have no '_orig_mod.' or 'module.' prefix
+if compile:
+    log("compiling the model (a minute or so the first time)")
+    model = torch.compile(model)
+if ddp and fsdp:
+    # FSDP2: each process keeps 1/world of every parameter; a Block's full weights are gathered
+    # just before it runs and freed after, so the model, its gradients and AdamW's two moments
+    # need not fit on one device
+    from torch.distributed.fsdp import fully_shard
+    for block in raw_model.transformer.h:
+        fully_shard(block)
+    fully_shard(raw_model)
+elif ddp:
+    # DDP: every process holds the whole model; gradients are averaged across processes
+    from torch.nn.parallel import DistributedDataParallel
+    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
 # -----------------------------------------------------------------------------
-# optimizer
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# optimizer and gradient scaler
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# float16's narrow range underflows small gradients: scale the loss up, unscale before the step.
+# bfloat16 has float32's range and needs no scaler; enabled=False makes it a no-op. Sharded
+# gradients need the FSDP version, which agrees on overflow across processes.
+if fsdp and ddp:
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    scaler = ShardedGradScaler(device_type, enabled=(dtype == 'float16'))
+else:
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])  # Adam's moments; its settings are today's:
+    if 'optimizer' in checkpoint:  # Adam's moments; its settings are today's
+        if ddp and fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            names = {p: n for n, p in raw_model.named_parameters()}  # the keys FSDP's loader wants
+            order = [names[p] for g in optimizer.param_groups for p in g['params']]
+            full = dict(state={order[i]: s for i, s in checkpoint['optimizer']['state'].items()},
+                        param_groups=[dict(g, params=[order[i] for i in g['params']])
+                                      for g in checkpoint['optimizer']['param_groups']])
+            set_optimizer_state_dict(raw_model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(checkpoint['optimizer'])
     for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):
         group.update(betas=(beta1, beta2), weight_decay=decay)
-    if scaler.is_enabled() and checkpoint['scaler']:  # float16 on both runs: keep the loss scale it found
+    if scaler.is_enabled() and checkpoint.get('scaler'):  # float16 on both runs: keep the loss scale it found
         scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free the memory the loaded tensors hold
 
-raw_model = model  # the uncompiled module: its state_dict names have no '_orig_mod.' prefix
-if compile:
-    print("compiling the model (a minute or so the first time)")
-    model = torch.compile(model)
-
 peak, peak_name = peak_flops(device)
-print(f"MFU is measured against the {peak_name}")
-if wandb_log:
+log(f"MFU is measured against the {peak_name}")
+if wandb_log and master:
     try:
         import wandb
     except ImportError:
@@ -202,20 +264,88 @@ if wandb_log:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 
+# -----------------------------------------------------------------------------
+# checkpoints
+def full_state():
+    """The model's and the optimizer's state as plain tensors (every process must call this under
+    FSDP: the shards are gathered to the master). The optimizer's is keyed by parameter number,
+    as torch.optim writes it, so any run (DDP, FSDP, one process, nanoGPT's) can read it."""
+    if not (ddp and fsdp):
+        return raw_model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_sd, optim_sd = get_state_dict(raw_model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not master:  # with cpu_offload the full state is gathered to the master only
+        return None, None
+    number = {n: i for i, n in enumerate(n for g in optim_sd['param_groups'] for n in g['params'])}
+    optim_sd = dict(state={number[n]: s for n, s in optim_sd['state'].items()},
+                    param_groups=[dict(g, params=[number[n] for n in g['params']]) for g in optim_sd['param_groups']])
+    return model_sd, optim_sd
+
+
+def save_checkpoint(names):
+    model_sd, optim_sd = full_state()
+    if not master:
+        return
+    checkpoint = {
+        'model': model_sd,
+        'optimizer': optim_sd,
+        'scaler': scaler.state_dict(),
+        'model_args': model_args,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': config,
+        'rng_state': torch.get_rng_state(),
+    }
+    if device_type == 'cuda':
+        checkpoint['cuda_rng_state'] = torch.cuda.get_rng_state()
+    for name in names:
+        # write a temporary file, push it to the disk, then rename it over the old one: at every
+        # moment the folder holds a whole checkpoint, even if the machine dies mid-write
+        path = os.path.join(out_dir, name)
+        with open(path + '.tmp', 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + '.tmp', path)
+    log(f"saved {', '.join(names)} at iteration {iter_num}")
+
+
+# SIGTERM (a cluster preempting the job, `kill`) and SIGINT (Ctrl-C) end the run after the
+# current step, with a checkpoint to resume from
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    if stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
+        raise KeyboardInterrupt
+    stop_signal = signal.Signals(signum).name
+    log(f"{stop_signal}: stopping after this step, with a checkpoint")
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+
+
+# -----------------------------------------------------------------------------
 @torch.no_grad()
 def estimate_loss():
     """Mean loss on each split over the same eval_iters batches every time, in every run,
-    whatever the seed: two evaluations, or two runs, see the same text and compare."""
+    whatever the seed or the number of processes (each takes every world-th batch)."""
     out = {}
     model.eval()  # dropout off
+    rounds = math.ceil(eval_iters / world)  # every process runs as many forward passes (FSDP needs it)
     for i, split in enumerate(('train', 'val')):
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            X, Y = get_batch(split, (0, 1 + i, k, 0))  # 1, 2 in the second place: never a training stream
+        total = torch.zeros((), device=device)
+        for k in range(rank, rounds * world, world):
+            X, Y = get_batch(split, (0, 1 + i, min(k, eval_iters - 1), 0))  # 1, 2: never a training stream
             with ctx:
                 _, loss = model(X, Y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            total += loss.float() if k < eval_iters else 0.0
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = total.item() / eval_iters
     model.train()
     return out
 
@@ -233,24 +363,12 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def save_checkpoint():
-    checkpoint = {
-        'model': raw_model.state_dict(),
-        'optimizer': optimizer.state_dict(),
-        'scaler': scaler.state_dict(),
-        'model_args': model_args,
-        'iter_num': iter_num,
-        'best_val_loss': best_val_loss,
-        'config': config,
-        'rng_state': torch.get_rng_state(),
-    }
-    if device_type == 'cuda':
-        checkpoint['cuda_rng_state'] = torch.cuda.get_rng_state()
-    path = os.path.join(out_dir, 'ckpt.pt')
-    # write a temporary file, then rename it: a crash mid-write never leaves a broken ckpt.pt
-    torch.save(checkpoint, path + '.tmp')
-    os.replace(path + '.tmp', path)
-    print(f"saved {path}")
+def grad_sync(enabled):
+    """Under DDP or FSDP, average the gradients across processes in this backward pass or not:
+    only the last micro-step needs it, the others just add up locally."""
+    if ddp and fsdp:
+        raw_model.set_requires_gradient_sync(enabled)
+    return model.no_sync() if ddp and not fsdp and not enabled else contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -264,27 +382,44 @@ while True:
     # evaluate, log, save
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
+        if not all(map(math.isfinite, losses.values())):
+            fail(f"the evaluation at iteration {iter_num} gave loss {losses}: stopping; the checkpoints "
+                 f"on disk are from before (lower learning_rate, or use bfloat16 instead of float16)")
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-              f" (best {best_val_loss:.4f})")
-        if wandb_log:
+        log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            f" (best {best_val_loss:.4f})")
+        if wandb_log and master:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
-        if iter_num > 0 and not eval_only and (improved or always_save_checkpoint):
-            save_checkpoint()
+        if iter_num > 0 and not eval_only:  # last.pt at every save, so that it is always the latest
+            save_checkpoint(['last.pt'] + (['ckpt.pt'] if improved or always_save_checkpoint else []))
         t0 = time.perf_counter()  # evaluation time is not training time
+    elif checkpoint_interval and iter_num % checkpoint_interval == 0 and iter_num > 0:
+        save_checkpoint(['last.pt'])
     if iter_num >= max_iters or eval_only:
         break
 
-    # one optimizer step over gradient_accumulation_steps micro-batches
+    # one optimizer step over gradient_accumulation_steps micro-batches, micro_steps of them here;
+    # this process's are the global micro-steps rank * micro_steps ... (DESIGN.md, Determinism)
     loss_sum = torch.zeros((), device=device)
-    for micro_step in range(gradient_accumulation_steps):
-        X, Y = get_batch('train', (seed, 0, iter_num, micro_step))
-        with ctx:
-            _, loss = model(X, Y)
-            loss = loss / gradient_accumulation_steps  # summed over micro-steps: the mean over the full batch
-        scaler.scale(loss).backward()  # gradients add up across micro-steps
+    for micro_step in range(micro_steps):
+        X, Y = get_batch('train', (seed, 0, iter_num, rank * micro_steps + micro_step))
+        with grad_sync(micro_step == micro_steps - 1):
+            with ctx:
+                _, loss = model(X, Y)
+                loss = loss / micro_steps  # summed over micro-steps: the mean over this process's batch
+            scaler.scale(loss).backward()  # gradients add up across micro-steps, and across processes at the last
         loss_sum += loss.detach()
+    # one small exchange per step: every process learns the mean loss and whether any was
+    # signalled, so they all stop at the same step
+    flags = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
+    if ddp:
+        dist.all_reduce(flags)
+    lossf = flags[0].item() / world  # waits for the device: one sync per step, for the check below
+    if not math.isfinite(lossf):  # stop before the step can carry the NaN into the weights
+        what = f" (float16: the GradScaler's scale was {scaler.get_scale():g})" if scaler.is_enabled() else ""
+        fail(f"loss is {lossf} at iteration {iter_num}{what}: stopping without saving; the checkpoints on "
+             f"disk are from before (lower learning_rate, or use bfloat16 instead of float16)")
     if grad_clip > 0.0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -293,10 +428,17 @@ while True:
     optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
 
     if iter_num % log_interval == 0:
-        lossf = loss_sum.item()  # .item() waits for the device: only on log steps
         dt = time.perf_counter() - t0
-        mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
-        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.4e}, {dt * 1000:.1f} ms, "
-              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.3g}%")
+        mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak * world)
+        log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.4e}, {dt * 1000:.1f} ms, "
+            f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.3g}%")
     iter_num += 1
     t0 = time.perf_counter()
+    if flags[1].item() > 0:  # a signal: save, then say how to go on
+        save_checkpoint(['last.pt'])
+        log(f"stopped by {stop_signal or 'a signal to another process'} after iteration {iter_num - 1}; "
+            f"to continue: the same command with --init_from=resume")
+        break
+
+if ddp:
+    dist.destroy_process_group()
