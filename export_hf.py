@@ -40,8 +40,8 @@ def byte_to_unicode():
 
 def gpt2_vocab_and_merges():
     """vocab.json's {token: id} and merges.txt's pairs, from tiktoken's ranks. A token's rank is its
-    id and its merge's priority; BPE made it from two smaller tokens, which we find by re-running BPE
-    on its bytes with only the merges ranked below it: it ends in exactly those two pieces."""
+    id and its merge's priority; BPE made it from two older tokens, which we find by re-running BPE
+    on its bytes until two pieces are left (merges.txt in rank order then encodes as tiktoken does)."""
     enc = gpt2_encoding()
     ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != GPT2_EOT}
     spell = byte_to_unicode()
