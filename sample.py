@@ -4,9 +4,12 @@ Samples text from a trained model:
     python sample.py --out_dir=out-shakespeare-char-cpu
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3
     python sample.py --out_dir=out-shakespeare-char-cpu --start=FILE:prompt.txt --temperature=0
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
+    python sample.py --init_from=path/to/hf-folder   # a Hugging Face GPT-2 folder (export_hf.py writes one)
 
-The text is encoded and decoded with the tokenizer of the dataset the model was trained on
-(data/<dataset>/meta.json). python sample.py --help lists every setting.
+Text is encoded and decoded with the tokenizer of the data the model was trained on: a checkpoint's
+dataset's (data/<dataset>/meta.json), or GPT-2's BPE for GPT-2's weights. python sample.py --help
+lists every setting.
 """
 
 import os
@@ -15,12 +18,12 @@ import torch
 
 import configurator
 from configurator import fail
-from model import autocast_context, load_checkpoint, pick_device, pick_dtype
-from prepare import DATA_DIR, DataError, load_meta, load_tokenizer
+from model import GPT, autocast_context, load_checkpoint, pick_device, pick_dtype
+from prepare import DATA_DIR, GPT2_EOT, DataError, gpt2_encoding, load_meta, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings
-init_from = 'resume'  # 'resume': the checkpoint in out_dir
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | an HF folder
 out_dir = 'out'  # folder holding ckpt.pt
 start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
 num_samples = 10  # samples to draw (all at once, as one batch)
@@ -50,30 +53,39 @@ if num_samples < 1:
 torch.manual_seed(seed)
 ctx = autocast_context(device, dtype)
 
-# the model
-if init_from != 'resume':
-    fail(f"init_from must be 'resume', not '{init_from}'")
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if not os.path.isfile(ckpt_path):
-    fail(f"no checkpoint at {ckpt_path}: train one first (python train.py ...), or fix --out_dir")
-try:
-    model, checkpoint = load_checkpoint(ckpt_path, device, dropout=0.0)
-except ValueError as e:
-    fail(e)
+# the model, and the tokenizer of the data it was trained on
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        fail(f"no checkpoint at {ckpt_path}: train one first (python train.py ...), or fix --out_dir")
+    try:
+        model, checkpoint = load_checkpoint(ckpt_path, device, dropout=0.0)
+    except ValueError as e:
+        fail(e)
+    dataset = checkpoint['config']['dataset']
+    data_dir = os.path.join(DATA_DIR, dataset)
+    try:
+        meta = load_meta(data_dir)
+        encode, decode = load_tokenizer(meta, data_dir)
+    except DataError as e:
+        fail(e)
+    vocab_size, eot = meta['vocab_size'], meta.get('eot_id')
+    if vocab_size > model.config.vocab_size:
+        fail(f"data/{dataset} now has a vocabulary of {vocab_size:,}, but the model was trained on "
+             f"{model.config.vocab_size:,}: prepare the dataset again as it was for this model")
+else:  # GPT-2's weights, by name from the Hugging Face hub or from a local folder
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+        enc = gpt2_encoding()
+    except (ValueError, ImportError, DataError) as e:
+        fail(e)
+    if model.config.vocab_size != enc.n_vocab:
+        fail(f"{init_from} has a vocabulary of {model.config.vocab_size:,} tokens, not GPT-2's {enc.n_vocab:,}: "
+             f"sample it from its checkpoint (--init_from=resume --out_dir=...)")
+    model.to(device)
+    encode, decode = enc.encode_ordinary, enc.decode
+    vocab_size, eot = enc.n_vocab, GPT2_EOT
 model.eval()
-
-# the tokenizer of the data the model was trained on
-dataset = checkpoint['config']['dataset']
-data_dir = os.path.join(DATA_DIR, dataset)
-try:
-    meta = load_meta(data_dir)
-    encode, decode = load_tokenizer(meta, data_dir)
-except DataError as e:
-    fail(e)
-eot = meta.get('eot_id')
-if meta['vocab_size'] > model.config.vocab_size:
-    fail(f"data/{dataset} now has a vocabulary of {meta['vocab_size']:,}, but the model was trained on "
-         f"{model.config.vocab_size:,}: prepare the dataset again as it was for this model")
 
 # the prompt
 if start.startswith('FILE:'):
@@ -97,7 +109,7 @@ x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num
 
 # generate
 with torch.no_grad(), ctx:
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, vocab_size=meta['vocab_size'])
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, vocab_size=vocab_size)
 for row in y.tolist():
     new = row[len(start_ids):]
     if stop_at_eot and eot in new:
