@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -134,15 +135,39 @@ def array_encoder(spec, data_dir):
     return lambda text: np.array(encode(text), dtype=np.uint32)
 
 
+class PlainUnpickler(pickle.Unpickler):
+    """Reads pickles of plain data (dicts, lists, str, int, ...) only: these need no class, so
+    any class a pickle names, whose loading could run code, is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain data is read")
+
+
 def load_meta(data_dir):
-    """Read data/<name>/meta.json, or say which command makes it."""
+    """Read data/<name>/meta.json, or say which command makes it. A folder prepared by nanoGPT
+    works too: its meta.pkl (characters) is read as plain data, and without one its .bin files
+    hold GPT-2 BPE ids as uint16, as nanoGPT's train.py assumes."""
     path = os.path.join(data_dir, 'meta.json')
     name = os.path.basename(os.path.normpath(data_dir))
-    if not os.path.isfile(path):
+    if os.path.isfile(path):
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    bins = [os.path.join(data_dir, f'{s}.bin') for s in ('train', 'val')]
+    if not all(map(os.path.isfile, bins)):
         raise DataError(f"dataset '{name}' is not prepared ({path} is missing): run 'python prepare.py {name}' "
                         f"(or 'python prepare.py {name} --input=YOUR_TEXT') first")
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
+    counts = dict(train_tokens=os.path.getsize(bins[0]) // 2, val_tokens=os.path.getsize(bins[1]) // 2)
+    pkl = os.path.join(data_dir, 'meta.pkl')
+    if not os.path.isfile(pkl):
+        return dict(vocab_size=50257, dtype='uint16', tokenizer=dict(type='gpt2'), eot_id=GPT2_EOT, **counts)
+    try:
+        with open(pkl, 'rb') as f:
+            old = PlainUnpickler(f).load()
+        chars = [old['itos'][i] for i in range(old['vocab_size'])]
+    except Exception as e:  # not a pickle, another layout, or objects that are not plain data
+        raise DataError(f"cannot read {pkl} as nanoGPT's character vocabulary ({type(e).__name__}: {e}): "
+                        f"prepare the data again with 'python prepare.py {name} --input=...'") from None
+    return dict(vocab_size=len(chars), dtype='uint16', tokenizer=dict(type='char', chars=chars), eot_id=None, **counts)
 
 
 # -----------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from prepare import DATA_DIR, GPT2_EOT, DataError, gpt2_encoding, load_meta, loa
 # settings
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | an HF folder
 out_dir = 'out'  # folder holding ckpt.pt
+ckpt_name = 'ckpt.pt'  # 'ckpt.pt' (the best model) | 'last.pt' (the latest state of training)
+block_size = 0  # 0: the model's context length; a smaller one crops the model to it
 start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
 num_samples = 10  # samples to draw (all at once, as one batch)
 max_new_tokens = 500  # tokens generated per sample
@@ -55,7 +57,10 @@ ctx = autocast_context(device, dtype)
 
 # the model, and the tokenizer of the data it was trained on
 if init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    ckpt_path = os.path.join(out_dir, ckpt_name)
+    if not os.path.isfile(ckpt_path) and ckpt_name == 'ckpt.pt' and os.path.isfile(os.path.join(out_dir, 'last.pt')):
+        ckpt_path = os.path.join(out_dir, 'last.pt')  # stopped before its first evaluation: the latest
+        print(f"(no ckpt.pt yet: sampling from {ckpt_path})")
     if not os.path.isfile(ckpt_path):
         fail(f"no checkpoint at {ckpt_path}: train one first (python train.py ...), or fix --out_dir")
     try:
@@ -86,6 +91,11 @@ else:  # GPT-2's weights, by name from the Hugging Face hub or from a local fold
     encode, decode = enc.encode_ordinary, enc.decode
     vocab_size, eot = enc.n_vocab, GPT2_EOT
 model.eval()
+if block_size > model.config.block_size:
+    fail(f"block_size {block_size} is larger than the model's {model.config.block_size}: it has no position "
+         f"embeddings beyond that; use at most {model.config.block_size} (0 keeps it)")
+if 0 < block_size < model.config.block_size:
+    model.crop_block_size(block_size)  # fewer positions: faster, and what a model trained shorter saw
 
 # the prompt
 if start.startswith('FILE:'):

@@ -356,3 +356,25 @@ def test_export_refuses_bias_false(repo):
     run(repo, 'train.py', *TINY, '--max_iters=1', '--eval_interval=1', '--bias=False', '--out_dir=out-nobias')
     assert_one_line_error(export(repo, '--hf_dir=out-nobias-hf', out_dir='out-nobias'), 'bias=False', '--bias=True')
     assert not os.path.exists(repo / 'out-nobias-hf')
+
+
+def test_finetune_from_a_folder_resume_and_export(repo, tmp_path):
+    """train.py --init_from=FOLDER: GPT-2's shape (vocab 50257, tanh GELU) goes into the checkpoint,
+    whatever the settings say; training lowers the loss, resume takes the shape from it, and the
+    finetuned model exports back to the Hugging Face format."""
+    tiny_hf(tmp_path / 'hf')
+    run(repo, 'prepare.py', 'shakespeare')
+    args = ['--dataset=shakespeare', '--batch_size=4', '--block_size=32', '--gradient_accumulation_steps=1',
+            '--eval_iters=2', '--device=cpu', '--dtype=float32', '--learning_rate=1e-3', '--warmup_iters=0',
+            '--eval_interval=4', '--out_dir=out-ft']
+    run(repo, 'train.py', *args, f'--init_from={tmp_path / "hf"}', '--max_iters=4')
+    ckpt = torch.load(repo / 'out-ft' / 'last.pt', weights_only=True)
+    assert ckpt['model_args']['vocab_size'] == 50257 and ckpt['model_args']['gelu'] == 'tanh'
+    assert ckpt['model_args']['block_size'] == 32  # cropped from 64 to the setting
+    p = run(repo, 'train.py', *args, '--init_from=resume', '--max_iters=6')
+    assert 'iter 5:' in p.stdout
+    run(repo, 'export_hf.py', '--out_dir=out-ft', f'--hf_dir={tmp_path / "back"}')
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / 'back').eval()
+    ours, _ = load_checkpoint(str(repo / 'out-ft' / 'ckpt.pt'), 'cpu')
+    idx = ids(B=1, T=20)
+    torch.testing.assert_close(all_logits(ours.eval(), idx), hf(idx).logits, rtol=0, atol=TOL)

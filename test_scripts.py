@@ -5,6 +5,7 @@ train.py logs it, the known token ids, and the one-line answers to bad input.
 """
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -72,7 +73,6 @@ def test_prepare_shakespeare_char_counts_and_reproducibility(repo):
     """Known values (vocab 65, 1,003,854 / 111,540 tokens), ids that decode back to the text,
     and a second run writes byte-identical files."""
     data = repo / 'data' / 'shakespeare_char'
-    import json
     meta = json.loads((data / 'meta.json').read_text(encoding='utf-8'))
     assert (meta['vocab_size'], meta['train_tokens'], meta['val_tokens'], meta['dtype']) == (65, 1003854, 111540, 'uint16')
     text = (data / 'input.txt').read_text(encoding='utf-8')
@@ -88,7 +88,6 @@ def test_prepare_shakespeare_gpt2_offline(repo):
     """GPT-2 BPE from the committed file (no network): nanoGPT's published counts, 301,966 train
     and 36,059 val tokens, and the known ids of the first 100 characters."""
     run(repo, 'prepare.py', 'shakespeare')
-    import json
     meta = json.loads((repo / 'data' / 'shakespeare' / 'meta.json').read_text())
     # one document: no end-of-text token is added, so the counts are nanoGPT's
     assert (meta['vocab_size'], meta['train_tokens'], meta['val_tokens'], meta['eot_id']) == (50257, 301966, 36059, None)
@@ -246,6 +245,9 @@ def test_sample_bad_prompts(repo):
     assert_one_line_error(sample('--max_new_tokens=0'), 'max_new_tokens')
     assert_one_line_error(sample('--temperature=-1'), 'temperature')
     assert_one_line_error(sample('--top_k=-1'), 'top_k')
+    assert_one_line_error(sample('--block_size=17'), 'block_size 17', "model's 16")
+    p = sample('--top_k=1000', '--num_samples=1')  # larger than the vocabulary: all 65 kept
+    assert p.returncode == 0 and len(p.stdout.split('---------------')[0]) == 1 + 5 + 1
     assert_one_line_error(sample('--num_samples=0'), 'num_samples')
     (repo / 'latin1.txt').write_bytes('Ren\u00e9e'.encode('latin-1'))
     assert_one_line_error(sample('--start=FILE:latin1.txt'), 'latin1.txt', 'not UTF-8', 'offset 3')
@@ -295,3 +297,43 @@ def test_missing_bin_file(repo, tmp_path):
     os.remove(repo / 'data' / 'gone' / 'val.bin')
     p = run(repo, 'train.py', *TINY, '--dataset=gone', ok=False)
     assert_one_line_error(p, 'val.bin is missing', 'python prepare.py gone')
+
+
+def test_nanogpt_checkpoint_and_meta_pkl(repo, tmp_path):
+    """A checkpoint in nanoGPT's layout (its keys, '_orig_mod.' names of a compiled model, no
+    scaler or random state, best_val_loss a tensor) and its char-level meta.pkl (no meta.json):
+    sample.py samples from it and train.py resumes it. A meta.pkl that names a class is refused."""
+    import pickle
+    sys.path.insert(0, str(repo))
+    from model import GPT, GPTConfig
+    model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=True, vocab_size=65, dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**model_args))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu')
+    model(torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long))[1].backward()
+    optimizer.step()
+    config = dict(dataset='nano_char', batch_size=4, block_size=16, learning_rate=1e-3, max_iters=5000, compile=True)
+    ckpt = dict(model={'_orig_mod.' + k: v for k, v in model.state_dict().items()}, optimizer=optimizer.state_dict(),
+                model_args=model_args, iter_num=5, best_val_loss=torch.tensor(4.2), config=config)
+    (repo / 'out-nano').mkdir()
+    torch.save(ckpt, repo / 'out-nano' / 'ckpt.pt')
+    src, data = repo / 'data' / 'shakespeare_char', repo / 'data' / 'nano_char'
+    data.mkdir()
+    for f in ('train.bin', 'val.bin'):
+        shutil.copy(src / f, data / f)
+    chars = json.loads((src / 'meta.json').read_text(encoding='utf-8'))['tokenizer']['chars']
+    with open(data / 'meta.pkl', 'wb') as f:
+        pickle.dump(dict(vocab_size=65, itos=dict(enumerate(chars)), stoi={c: i for i, c in enumerate(chars)}), f)
+
+    p = run(repo, 'sample.py', '--out_dir=out-nano', '--start=ROMEO:', '--num_samples=1', '--max_new_tokens=10')
+    assert p.stdout.startswith('ROMEO:') and len(p.stdout.split('---------------')[0]) == 6 + 10 + 1
+    p = run(repo, 'train.py', *TINY, '--dataset=nano_char', '--init_from=resume', '--out_dir=out-nano',
+            '--max_iters=7', '--eval_interval=7')
+    assert sorted(logged(p.stdout, 'loss')) == [5, 6]
+
+    marker = tmp_path / 'pwned'
+    with open(data / 'meta.pkl', 'wb') as f:
+        f.write(pickle.dumps(Payload(str(marker))))
+    p = run(repo, 'sample.py', '--out_dir=out-nano', '--max_new_tokens=2', ok=False)
+    assert_one_line_error(p, 'meta.pkl', 'only plain data')
+    assert not marker.exists()

@@ -14,6 +14,7 @@ to bottom: settings, setup, data, model, optimizer, checkpoints, then the traini
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -38,7 +39,7 @@ eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # save ckpt.pt at every evaluation, not only when val loss improves
 checkpoint_interval = 0  # iterations between saves of last.pt; 0: at every evaluation
-init_from = 'scratch'  # 'scratch' | 'resume' (from out_dir/last.pt, else out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt, else ckpt.pt) | 'gpt2' ... 'gpt2-xl' | an HF folder
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
 wandb_project = 'owt'  # the W&B project the run is logged under
@@ -180,24 +181,49 @@ elif init_from == 'resume':
         model, checkpoint = load_checkpoint(ckpt_path, device, dropout=dropout, flash=flash)
     except ValueError as e:
         fail(e)
+    # a model that started from GPT-2's weights has GPT-2's shape, whatever the settings say
+    origin = checkpoint.get('config', {}).get('init_from', 'scratch')
+    pretrained = origin not in ('scratch', 'resume')
     for k, v in checkpoint['model_args'].items():
-        if k in model_args and k not in ('dropout', 'flash') and v != model_args[k]:
+        if k == 'vocab_size' and v in (vocab_size, meta['vocab_size']):
+            continue  # padded, or GPT-2's own 50257
+        if k in model_args and k not in ('dropout', 'flash') and v != model_args[k] and (k == 'vocab_size' or not pretrained):
             hint = (f"resume on the dataset it was trained on (--dataset={checkpoint['config'].get('dataset')})"
                     if k == 'vocab_size' else "give the settings it was trained with (the same config file)")
             fail(f"the checkpoint has {k} = {v}, the settings say {k} = {model_args[k]}: {hint}")
+    model_args = dict(checkpoint['model_args'], dropout=dropout, flash=flash)
+    block_size = model_args['block_size']
+    if pretrained:
+        config['init_from'] = origin  # where the weights came from, kept through resumes
     for k, v in checkpoint.get('config', {}).items():  # what may change is allowed, and said
         if k in config and k not in model_args and k not in ('init_from', 'device', 'dtype') and v != config[k]:
             log(f"  {k}: {v} in the checkpoint, now {config[k]}")
     iter_num = checkpoint['iter_num']
-    best_val_loss = checkpoint['best_val_loss']
+    best_val_loss = float(checkpoint['best_val_loss'])  # nanoGPT saved it as a tensor
     # dropout continues as if never stopped (a CPU tensor, whatever map_location did)
     if 'rng_state' in checkpoint:
         torch.set_rng_state(checkpoint['rng_state'].cpu())
     if device_type == 'cuda' and 'cuda_rng_state' in checkpoint:
         torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
+elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+    # GPT-2's weights, by name from the Hugging Face hub or from a local folder in its layout
+    if meta['tokenizer']['type'] != 'gpt2':
+        fail(f"init_from={init_from} needs data in GPT-2's BPE, but data/{dataset} is tokenized as "
+             f"'{meta['tokenizer']['type']}': prepare it with --tokenizer=gpt2")
+    log(f"initialising from GPT-2's weights: {init_from}")
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout, flash=flash))
+    except (ValueError, ImportError) as e:
+        fail(e)
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)  # GPT-2 has 1024 positions; fewer train faster
+    block_size = model.config.block_size
+    model_args = dataclasses.asdict(model.config)  # GPT-2's shape (vocab 50257, tanh GELU), for the checkpoint
 else:
-    fail(f"init_from must be 'scratch' or 'resume', not '{init_from}'")
+    fail(f"init_from must be 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
+         f"Hugging Face folder, not '{init_from}'")
 model.to(device)
+config['block_size'] = block_size  # the resolved value, as the checkpoint's config records it
 log(f"{model.get_num_params() / 1e6:.2f}M parameters")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 log(f"device {device}, dtype {dtype}, {world} process(es); {tokens_per_iter:,} tokens per iteration "
