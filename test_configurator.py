@@ -225,3 +225,20 @@ def test_train_py_typo_is_one_line(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr
     assert 'lerning_rate' in lines[0] and "'learning_rate'" in lines[0], lines[0]
+
+
+def settings_scope(script):
+    """The globals of a script's settings block, as the script has them when it calls configure()."""
+    with open(os.path.join(ROOT, script), encoding='utf-8') as f:
+        source = f.read()
+    scope = {'__file__': os.path.join(ROOT, script), '__name__': 'settings'}
+    exec(source[:source.index('config = configurator.configure(globals())')], scope)
+    return scope
+
+
+@pytest.mark.parametrize('path', sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py')))
+def test_every_recipe_is_valid_for_train_py(path):
+    """Each config/ file sets only train.py's settings, with the right types."""
+    scope = settings_scope('train.py')
+    config = configurator.configure(scope, [os.path.join(ROOT, 'config', path)])
+    assert config['dataset'] and config['out_dir'].startswith('out-')

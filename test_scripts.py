@@ -219,6 +219,7 @@ def test_eval_only_and_checkpoint_keys(repo):
     ('train.py', [*TINY, '--device=cuda'], ["device 'cuda' is not available", 'cpu']),
     ('train.py', [*TINY, '--init_from=resume', '--out_dir=out-none'], ['no checkpoint', 'out-none']),
     ('train.py', [*TINY, '--eval_interval=0'], ['eval_interval', 'at least 1']),
+    ('train.py', [*TINY, '--out_dir=/proc/nope'], ['cannot write', '/proc/nope']),
     ('train.py', [*TINY, '--learning_rate=-1.0'], ['learning_rate', 'negative']),
     ('train.py', [*TINY, '--dropout=1.0'], ['dropout', '[0, 1)']),
     ('train.py', [*TINY, '--n_head=0'], ['n_head', 'positive']),
