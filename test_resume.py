@@ -4,8 +4,10 @@ killed at random moments, and under torchrun), SIGTERM saves and exits cleanly, 
 loss stops without touching the checkpoints. The real train.py, as a subprocess, on tiny models.
 """
 
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +49,24 @@ def test_resume_is_bit_identical(repo):
     assert sorted(losses) == list(range(24))
     assert losses == {**logged(first.stdout, 'loss'), **logged(second.stdout, 'loss')}
     assert_same_weights(weights(repo, 'out-r24'), weights(repo, 'out-r12'))
+    # the log as data: each iteration once, evaluations at 0, 6, ... 24, even across the resume
+    records = [json.loads(line) for line in (repo / 'out-r12' / 'log.jsonl').read_text().splitlines()]
+    assert [r['iter'] for r in records if 'loss' in r] == list(range(24))
+    assert [r['iter'] for r in records if 'val_loss' in r] == [0, 6, 12, 18, 24]
+    assert [r['loss'] for r in records if 'loss' in r] == pytest.approx([losses[i] for i in range(24)], abs=1e-4)
+    assert all(r['tokens'] == (r['iter'] + 1) * 2 * 4 * 16 for r in records if 'loss' in r)
+    assert (repo / 'out-r12' / 'loss.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_watching_does_not_change_the_run(repo):
+    """A sampled continuation printed at each evaluation draws random numbers, but puts the
+    random state back: the losses are those of the run without it."""
+    plain = run(repo, 'train.py', *COMMON, '--max_iters=12', '--out_dir=out-plain', '--plot=False')
+    watched = run(repo, 'train.py', *COMMON, '--max_iters=12', '--out_dir=out-watched', '--eval_sample=ROMEO:',
+                  '--eval_sample_tokens=30', '--eval_sample_temperature=1.0')
+    assert len(re.findall(r"^sample: .ROMEO:", watched.stdout, re.M)) == 3  # at 0, 6 and 12
+    assert logged(plain.stdout, 'loss') == logged(watched.stdout, 'loss')
+    assert not (repo / 'out-plain' / 'loss.png').exists()
 
 
 def test_resume_refuses_another_architecture(repo):

@@ -15,6 +15,7 @@ to bottom: settings, setup, data, model, optimizer, checkpoints, then the traini
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 import configurator
 from model import GPT, GPTConfig, autocast_context, load_checkpoint, peak_flops, pick_device, pick_dtype
-from prepare import DATA_DIR, DataError, load_meta
+from prepare import DATA_DIR, DataError, load_meta, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings
@@ -39,6 +40,10 @@ eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # save ckpt.pt at every evaluation, not only when val loss improves
 checkpoint_interval = 0  # iterations between saves of last.pt; 0: at every evaluation
+eval_sample = ''  # a prompt whose continuation is printed at each evaluation ('' = none), to watch learning
+eval_sample_tokens = 200  # tokens of that continuation
+eval_sample_temperature = 0.0  # 0: greedy (the same text each time, until the model changes its mind)
+plot = True  # write out_dir/loss.png at each evaluation (pip install matplotlib); every line goes to log.jsonl
 init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt, else ckpt.pt) | 'gpt2' ... 'gpt2-xl' | an HF folder
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
@@ -135,6 +140,11 @@ except DataError as e:
 for split in ('train', 'val'):
     if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
         fail(f"{data_dir}/{split}.bin is missing: run 'python prepare.py {dataset}' again")
+if eval_sample:
+    try:  # now, not at the first evaluation
+        load_tokenizer(meta, data_dir)[0](eval_sample)
+    except DataError as e:
+        fail(f"eval_sample: {e}")
 
 
 def get_batch(split, stream):
@@ -337,6 +347,46 @@ def save_checkpoint(names):
     log(f"saved {', '.join(names)} at iteration {iter_num}")
 
 
+# the log as data: out_dir/log.jsonl holds every log and evaluation line, for plot.py
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master:  # a resumed run drops the records after its checkpoint: it is about to redo them
+    keep = []
+    if init_from == 'resume' and os.path.isfile(log_path):
+        with open(log_path, encoding='utf-8') as f:
+            keep = [line for line in f if line.strip() and json.loads(line)['iter'] < iter_num]
+    with open(log_path, 'w', encoding='utf-8') as f:
+        f.writelines(keep)
+
+
+def record(**fields):
+    if master:
+        with open(log_path, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(fields) + '\n')
+
+
+def plot_losses():
+    global plot
+    try:
+        import plot as plotter
+        plotter.plot([out_dir])
+    except ImportError as e:
+        log(f"({e}; or --plot=False)")
+        plot = False  # said once
+
+
+def show_sample():
+    """Print the model's continuation of eval_sample; the random state is put back afterwards,
+    so watching does not change the run (dropout draws the same numbers as without it)."""
+    encode, decode = load_tokenizer(meta, data_dir)
+    x = torch.tensor([encode(eval_sample)], dtype=torch.long, device=device)
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), torch.no_grad(), ctx:
+        y = raw_model.generate(x, eval_sample_tokens, temperature=eval_sample_temperature, top_k=200,
+                               vocab_size=meta['vocab_size'])
+    model.train()
+    log(f"sample: {decode(y[0].tolist())!r}")
+
+
 # SIGTERM (a cluster preempting the job, `kill`) and SIGINT (Ctrl-C) end the run after the
 # current step, with a checkpoint to resume from
 stop_signal = None
@@ -415,6 +465,11 @@ while True:
         best_val_loss = min(best_val_loss, losses['val'])
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
             f" (best {best_val_loss:.4f})")
+        record(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'], val_loss=losses['val'])
+        if plot and master:
+            plot_losses()
+        if eval_sample:
+            show_sample()
         if wandb_log and master:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
         if iter_num > 0 and not eval_only:  # last.pt at every save, so that it is always the latest
@@ -458,6 +513,7 @@ while True:
         mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak * world)
         log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.4e}, {dt * 1000:.1f} ms, "
             f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.3g}%")
+        record(iter=iter_num, tokens=(iter_num + 1) * tokens_per_iter, lr=lr, loss=lossf, ms=dt * 1000)
     iter_num += 1
     t0 = time.perf_counter()
     if flags[1].item() > 0:  # a signal: save, then say how to go on

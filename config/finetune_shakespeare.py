@@ -26,3 +26,6 @@ max_iters = 20
 # a constant, small learning rate: finetuning nudges the weights
 learning_rate = 3e-5
 decay_lr = False
+
+eval_sample = 'ROMEO:'  # watch it learn: a greedy continuation at each evaluation
+eval_sample_tokens = 100

@@ -32,3 +32,6 @@ beta2 = 0.99
 warmup_iters = 100
 
 device = 'cpu'  # this recipe is for the CPU even on a machine with a GPU
+
+eval_sample = 'ROMEO:'  # watch it learn: a greedy continuation at each evaluation
+eval_sample_tokens = 100

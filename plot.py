@@ -1,0 +1,65 @@
+"""
+Plots train and val loss against tokens seen, from the log.jsonl that train.py writes in its
+out_dir (one JSON object per log or evaluation line):
+
+    python plot.py out-shakespeare-char-cpu                  # writes out-shakespeare-char-cpu/loss.png
+    python plot.py out-a out-b --out=compare.png             # several runs on one plot
+
+train.py calls plot() itself at every evaluation when matplotlib is installed.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def read_log(out_dir):
+    """The records of out_dir/log.jsonl, as a list of dicts."""
+    with open(os.path.join(out_dir, 'log.jsonl'), encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(out_dirs, path=None):
+    """Draw each run's training loss (thin) and its evaluations (dots: train hollow, val filled)
+    against tokens seen; write the PNG to path (default: the first run's loss.png)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use('Agg')  # draw to a file; no window, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, out_dir in enumerate(out_dirs):
+        records, color = read_log(out_dir), f'C{i}'
+        steps = [r for r in records if 'loss' in r]
+        evals = [r for r in records if 'val_loss' in r]
+        name = os.path.basename(os.path.normpath(out_dir))
+        ax.plot([r['tokens'] for r in steps], [r['loss'] for r in steps], color=color, alpha=0.35, lw=0.8)
+        ax.plot([r['tokens'] for r in evals], [r['train_loss'] for r in evals], 'o-', color=color,
+                mfc='white', label=f'{name} train')
+        ax.plot([r['tokens'] for r in evals], [r['val_loss'] for r in evals], 'o-', color=color, label=f'{name} val')
+    ax.set_xlabel('tokens seen')
+    ax.set_ylabel('loss (cross-entropy, nats per token)')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = path or os.path.join(out_dirs[0], 'loss.png')
+    fig.savefig(path + '.tmp.png', dpi=120, bbox_inches='tight')
+    os.replace(path + '.tmp.png', path)  # a viewer refreshing the file never sees half an image
+    plt.close(fig)
+    return path
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description="Plot loss against tokens seen from train.py's log.jsonl.")
+    parser.add_argument('out_dirs', nargs='+', help="train.py's out_dir(s)")
+    parser.add_argument('--out', help="the PNG to write (default: loss.png in the first out_dir)")
+    args = parser.parse_args()
+    for d in args.out_dirs:
+        if not os.path.isfile(os.path.join(d, 'log.jsonl')):
+            sys.exit(f"error: {d}/log.jsonl not found: is '{d}' an out_dir of train.py?")
+    try:
+        print(f"wrote {plot(args.out_dirs, args.out)}")
+    except ImportError as e:
+        sys.exit(f"error: {e}")
