@@ -5,7 +5,8 @@ out_dir (one JSON object per log or evaluation line):
     python plot.py out-shakespeare-char-cpu                  # writes out-shakespeare-char-cpu/loss.png
     python plot.py out-a out-b --out=compare.png             # several runs on one plot
 
-train.py calls plot() itself at every evaluation when matplotlib is installed.
+train.py writes log.jsonl through RunLog, and calls draw() at every evaluation when matplotlib
+is installed.
 """
 
 import argparse
@@ -20,7 +21,30 @@ def read_log(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot(out_dirs, path=None):
+class RunLog:
+    """out_dir/log.jsonl, written as train.py runs: one JSON object per line. A resumed run
+    first drops the records from its checkpoint's iteration on, which it is about to redo."""
+
+    def __init__(self, out_dir, resume_at=0, plot=True):
+        self.out_dir, self.plot = out_dir, plot
+        self.path = os.path.join(out_dir, 'log.jsonl')
+        keep = [r for r in read_log(out_dir) if r['iter'] < resume_at] if resume_at and os.path.isfile(self.path) else []
+        with open(self.path, 'w', encoding='utf-8') as f:
+            f.writelines(json.dumps(r) + '\n' for r in keep)
+
+    def record(self, plot=False, **fields):
+        """Append a record; with plot=True (at evaluations) redraw out_dir/loss.png too."""
+        with open(self.path, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(fields) + '\n')
+        if plot and self.plot:
+            try:
+                draw([self.out_dir])
+            except ImportError as e:
+                print(f"({e}, or --plot=False)")
+                self.plot = False  # said once
+
+
+def draw(out_dirs, path=None):
     """Draw each run's training loss (thin) and its evaluations (dots: train hollow, val filled)
     against tokens seen; write the PNG to path (default: the first run's loss.png)."""
     try:
@@ -60,6 +84,6 @@ if __name__ == '__main__':
         if not os.path.isfile(os.path.join(d, 'log.jsonl')):
             sys.exit(f"error: {d}/log.jsonl not found: is '{d}' an out_dir of train.py?")
     try:
-        print(f"wrote {plot(args.out_dirs, args.out)}")
+        print(f"wrote {draw(args.out_dirs, args.out)}")
     except ImportError as e:
         sys.exit(f"error: {e}")

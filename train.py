@@ -15,7 +15,6 @@ to bottom: settings, setup, data, model, optimizer, checkpoints, then the traini
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -28,6 +27,7 @@ import torch.distributed as dist
 
 import configurator
 from model import GPT, GPTConfig, autocast_context, load_checkpoint, peak_flops, pick_device, pick_dtype
+from plot import RunLog
 from prepare import DATA_DIR, DataError, load_meta, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -122,11 +122,10 @@ device_type = device.split(':')[0]  # 'cuda' | 'mps' | 'cpu', for autocast and t
 torch.manual_seed(seed)  # the same on every process: the same initial weights everywhere
 torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere+ GPUs; no effect on the CPU
 ctx = autocast_context(device, dtype)
-try:  # a file written and removed now, rather than an error after hours of training
+try:  # found now, rather than when the first checkpoint is due
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f'.write-test-{rank}'), 'w'):
-        pass
-    os.remove(os.path.join(out_dir, f'.write-test-{rank}'))
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(13, 'Permission denied')
 except OSError as e:
     fail(f"cannot write to out_dir '{out_dir}' ({e.strerror}): choose another with --out_dir=PATH")
 
@@ -191,21 +190,22 @@ elif init_from == 'resume':
         model, checkpoint = load_checkpoint(ckpt_path, device, dropout=dropout, flash=flash)
     except ValueError as e:
         fail(e)
+    saved = checkpoint['model_args']
+    if saved['vocab_size'] not in (vocab_size, meta['vocab_size']):  # padded, or GPT-2's own 50257
+        fail(f"the checkpoint has vocab_size = {saved['vocab_size']}, the settings say vocab_size = {vocab_size}: "
+             f"resume on the dataset it was trained on (--dataset={checkpoint['config'].get('dataset')})")
     # a model that started from GPT-2's weights has GPT-2's shape, whatever the settings say
-    origin = checkpoint.get('config', {}).get('init_from', 'scratch')
+    origin = checkpoint['config'].get('init_from', 'scratch')
     pretrained = origin not in ('scratch', 'resume')
-    for k, v in checkpoint['model_args'].items():
-        if k == 'vocab_size' and v in (vocab_size, meta['vocab_size']):
-            continue  # padded, or GPT-2's own 50257
-        if k in model_args and k not in ('dropout', 'flash') and v != model_args[k] and (k == 'vocab_size' or not pretrained):
-            hint = (f"resume on the dataset it was trained on (--dataset={checkpoint['config'].get('dataset')})"
-                    if k == 'vocab_size' else "give the settings it was trained with (the same config file)")
-            fail(f"the checkpoint has {k} = {v}, the settings say {k} = {model_args[k]}: {hint}")
-    model_args = dict(checkpoint['model_args'], dropout=dropout, flash=flash)
+    for k in () if pretrained else ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias'):
+        if saved[k] != model_args[k]:
+            fail(f"the checkpoint has {k} = {saved[k]}, the settings say {k} = {model_args[k]}: "
+                 f"give the settings it was trained with (the same config file)")
+    model_args = dict(saved, dropout=dropout, flash=flash)
     block_size = model_args['block_size']
     if pretrained:
         config['init_from'] = origin  # where the weights came from, kept through resumes
-    for k, v in checkpoint.get('config', {}).items():  # what may change is allowed, and said
+    for k, v in checkpoint['config'].items():  # what may change is allowed, and said
         if k in config and k not in model_args and k not in ('init_from', 'device', 'dtype') and v != config[k]:
             log(f"  {k}: {v} in the checkpoint, now {config[k]}")
     iter_num = checkpoint['iter_num']
@@ -347,31 +347,8 @@ def save_checkpoint(names):
     log(f"saved {', '.join(names)} at iteration {iter_num}")
 
 
-# the log as data: out_dir/log.jsonl holds every log and evaluation line, for plot.py
-log_path = os.path.join(out_dir, 'log.jsonl')
-if master:  # a resumed run drops the records after its checkpoint: it is about to redo them
-    keep = []
-    if init_from == 'resume' and os.path.isfile(log_path):
-        with open(log_path, encoding='utf-8') as f:
-            keep = [line for line in f if line.strip() and json.loads(line)['iter'] < iter_num]
-    with open(log_path, 'w', encoding='utf-8') as f:
-        f.writelines(keep)
-
-
-def record(**fields):
-    if master:
-        with open(log_path, 'a', encoding='utf-8') as f:
-            f.write(json.dumps(fields) + '\n')
-
-
-def plot_losses():
-    global plot
-    try:
-        import plot as plotter
-        plotter.plot([out_dir])
-    except ImportError as e:
-        log(f"({e}; or --plot=False)")
-        plot = False  # said once
+# the log as data: out_dir/log.jsonl gets every log and evaluation line (plot.py draws them)
+run_log = RunLog(out_dir, resume_at=iter_num if init_from == 'resume' else 0, plot=plot) if master else None
 
 
 def show_sample():
@@ -465,9 +442,9 @@ while True:
         best_val_loss = min(best_val_loss, losses['val'])
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
             f" (best {best_val_loss:.4f})")
-        record(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'], val_loss=losses['val'])
-        if plot and master:
-            plot_losses()
+        if master:
+            run_log.record(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'],
+                           val_loss=losses['val'], plot=True)
         if eval_sample:
             show_sample()
         if wandb_log and master:
@@ -513,7 +490,8 @@ while True:
         mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak * world)
         log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.4e}, {dt * 1000:.1f} ms, "
             f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.3g}%")
-        record(iter=iter_num, tokens=(iter_num + 1) * tokens_per_iter, lr=lr, loss=lossf, ms=dt * 1000)
+        if master:
+            run_log.record(iter=iter_num, tokens=(iter_num + 1) * tokens_per_iter, lr=lr, loss=lossf, ms=dt * 1000)
     iter_num += 1
     t0 = time.perf_counter()
     if flags[1].item() > 0:  # a signal: save, then say how to go on
