@@ -147,7 +147,7 @@ def test_two_processes_equal_one(repo, mode):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     for it, loss in logged(one.stdout, 'loss').items():
         assert logged(two.stdout, 'loss')[it] == pytest.approx(loss, abs=1e-5)
-    assert sorted(os.listdir(repo / f'out-{mode}')) == ['ckpt.pt', 'last.pt']
+    assert sorted(os.listdir(repo / f'out-{mode}')) == ['ckpt.pt', 'last.pt', 'log.jsonl', 'loss.png']  # one of each
     # 4 steps, resume to 8 under torchrun: bit-identical to the 8 straight
     torchrun(repo, *args, '--max_iters=4', f'--fsdp={mode == "fsdp"}', f'--out_dir=out-{mode}-r')
     torchrun(repo, *args, f'--fsdp={mode == "fsdp"}', f'--out_dir=out-{mode}-r', '--init_from=resume')
