@@ -78,27 +78,32 @@ def test_resume_refuses_another_architecture(repo):
 def test_killed_at_random_moments(repo):
     """SIGKILL at random moments, resuming each time: every checkpoint on disk loads at every
     moment we look, training reaches max_iters, and the weights equal an uninterrupted run's."""
-    args = [*COMMON, '--max_iters=40', '--checkpoint_interval=1']
+    args = [*COMMON, '--max_iters=30', '--checkpoint_interval=1']
     run(repo, 'train.py', *args, '--out_dir=out-calm')
-    rng, kills, init = random.Random(0), 0, 'scratch'
+    last = repo / 'out-killed' / 'last.pt'
+    rng, kills, init, done = random.Random(0), 0, 'scratch', -1
     while True:
         p = subprocess.Popen([sys.executable, 'train.py', *args, '--out_dir=out-killed', f'--init_from={init}'],
                              cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + rng.uniform(2.0, 4.0)
-        while p.poll() is None and time.time() < deadline:
-            for name in ('last.pt', 'ckpt.pt'):  # whatever moment this is, the files on disk are whole
-                if (repo / 'out-killed' / name).exists():
-                    torch.load(repo / 'out-killed' / name, weights_only=True)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            kills += 1
+        kill_at = None
+        while p.poll() is None:
+            # whatever moment this is, the files on disk are whole checkpoints
+            now = {name: torch.load(repo / 'out-killed' / name, weights_only=True)['iter_num']
+                   for name in ('last.pt', 'ckpt.pt') if (repo / 'out-killed' / name).exists()}
+            if kill_at is None and kills < 4 and now.get('last.pt', -1) > done:
+                kill_at = time.time() + rng.uniform(0.0, 1.0)  # once this run has made progress: soon, at random
+            if kill_at is not None and time.time() > kill_at:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.02)
         p.wait()
         assert p.returncode in (0, -signal.SIGKILL), p.stderr.read()
-        init = 'resume' if (repo / 'out-killed' / 'last.pt').exists() else 'scratch'
         if p.returncode == 0:
             break
-    assert kills >= 2  # the test did interrupt training
-    assert torch.load(repo / 'out-killed' / 'last.pt', weights_only=True)['iter_num'] == 40
+        done, init = torch.load(last, weights_only=True)['iter_num'], 'resume'
+    assert kills == 4  # the test did interrupt training, each time after some progress
+    assert torch.load(last, weights_only=True)['iter_num'] == 30
     assert_same_weights(weights(repo, 'out-calm'), weights(repo, 'out-killed'))
 
 
