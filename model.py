@@ -81,7 +81,7 @@ def make_norm(config):
 
 
 def rotary(pos, hs, theta=10000.0):
-    """The angles of rotary position embeddings (RoPE; Su et al. 2021, RoFormer, eq. 15 and theta = 10000):
+    """The angles of rotary position embeddings (RoPE; Su et al. 2021, RoFormer, with its theta = 10000):
     at position p, dimension pair i of a head turns by p * theta^(-2i/hs), the first pairs fast, the last
     slowly. pos (T,) are absolute positions; returns (cos, sin), each (T, hs/2)."""
     inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float32, device=pos.device) / hs)  # (hs/2,)
@@ -199,7 +199,7 @@ class MLP(nn.Module):
         # matrices instead of two, so a hidden width of 2/3 * 4C keeps the GELU MLP's 8C^2 weights; rounded
         # to the nearest multiple of 64 for fast matmuls: C = 128 -> 320 (7.5C^2), 384 -> 1024 (8C^2 exactly)
         hidden = 64 * max(1, round(8 * C / 3 / 64)) if config.swiglu else 4 * C
-        self.c_fc = nn.Linear(C, 2 * hidden if config.swiglu else hidden, bias=config.bias)  # SwiGLU: W and V side by side
+        self.c_fc = nn.Linear(C, 2 * hidden if config.swiglu else hidden, bias=config.bias)  # SwiGLU: W, V side by side
         # exact, or GPT-2's tanh approximation: they differ by up to ~1e-3, enough to change GPT-2's logits
         self.gelu = nn.GELU(approximate='tanh' if config.gelu == 'tanh' else 'none')
         self.c_proj = nn.Linear(hidden, C, bias=config.bias)
