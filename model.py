@@ -35,6 +35,12 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2; False is a bit better and faster
     flash: bool = True  # True: PyTorch's fused attention; False: the manual masked attention, written out
     gelu: str = 'exact'  # 'exact' | 'tanh': the approximation GPT-2 was trained with (from_pretrained sets it)
+    # later architecture changes, all off by default (GPT-2 exactly), each cited where it is computed
+    rope: bool = False  # rotary position embeddings (RoFormer) in attention instead of learned positions: no wpe
+    rmsnorm: bool = False  # RMSNorm instead of LayerNorm: no mean subtraction, no bias
+    swiglu: bool = False  # SwiGLU MLP instead of GELU, at about the same parameter count
+    n_kv_head: int = 0  # key/value heads (grouped-query attention): 0 = n_head (plain), 1 = multi-query
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before their dot product
 
     def __post_init__(self):
         for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
@@ -43,6 +49,13 @@ class GPTConfig:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: "
                              f"choose n_embd as a multiple of n_head (for example {self.n_head * 64})")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}: choose n_kv_head "
+                             f"among {divisors} (query heads share key/value heads in equal groups), or 0 for n_head")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope rotates pairs of dimensions, but the head size n_embd / n_head = "
+                             f"{self.n_embd // self.n_head} is odd: choose an even one")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
         if self.gelu not in ('exact', 'tanh'):
@@ -61,12 +74,45 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+def make_norm(config):
+    """GPT-2's LayerNorm, or RMSNorm (Zhang & Sennrich 2019): x / rms(x) * gain, without the mean and the
+    bias, as good and cheaper (Llama's choice). nn.RMSNorm's weight is its gain, initialised to ones."""
+    return nn.RMSNorm(config.n_embd, eps=1e-5) if config.rmsnorm else LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary(pos, hs, theta=10000.0):
+    """The angles of rotary position embeddings (RoPE; Su et al. 2021, RoFormer, with its theta = 10000):
+    at position p, dimension pair i of a head turns by p * theta^(-2i/hs), the first pairs fast, the last
+    slowly. pos (T,) are absolute positions; returns (cos, sin), each (T, hs/2)."""
+    inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float32, device=pos.device) / hs)  # (hs/2,)
+    angles = pos.float()[:, None] * inv_freq[None, :]  # (T, 1) * (1, hs/2) -> (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each pair (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by its angle. A rotation by p*w
+    of q and by p'*w of k leaves q.k depending on p - p' only: attention sees relative positions. (The
+    paper pairs neighbouring dimensions; halves, as GPT-NeoX and Llama's ports do, differ only by a fixed
+    permutation of the dimensions, which the learned weights absorb.)"""
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)  # (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        hs = config.n_embd // config.n_head  # head size
+        # grouped-query attention (GQA; Ainslie et al. 2023): n_kv_head key/value heads, each shared by a group
+        # of n_head / n_kv_head query heads; c_attn and the KV cache shrink, quality barely moves
+        self.n_kv_head = config.n_kv_head or config.n_head
         # query, key and value projections for all heads, in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * hs, bias=config.bias)
+        # QK-norm (Dehghani et al. 2023, ViT-22B; Wortsman et al. 2023): unit-RMS queries and keys keep the
+        # attention logits bounded, so training stays stable at high learning rates (RMSNorm over each head)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(hs, eps=1e-5), nn.RMSNorm(hs, eps=1e-5)
         # output projection back into the residual stream
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -76,46 +122,96 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.flash = config.flash
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None, rope=None):
+        """rope: None, or the (cos, sin) of rotary() at the positions of x's tokens."""
         B, T, C = x.size()  # batch size, sequence length, embedding width (n_embd)
-        hs = C // self.n_head  # head size
+        hs, nkv = C // self.n_head, self.n_kv_head  # head size; key/value heads (n_head without GQA)
 
         # project to q, k, v and move the head dimension forward: one attention per head
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = self.c_attn(x).split([C, nkv * hs, nkv * hs], dim=2)  # (B, T, C), 2 x (B, T, nkv * hs)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # each head's vector to RMS 1, times a learned gain
+        if rope is not None:  # positions enter here, as rotations; the cache keeps keys already rotated
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv_cache is not None:
+            # generating: x holds only the new tokens; their keys and values join those of the
+            # earlier tokens, kept from previous calls, and the new queries attend to all of them
+            k, v = kv_cache.append(k, v)  # (B, nkv, Tk, hs), Tk = tokens cached before + T
+        Tk = k.size(2)  # keys each query may look at: T without a cache
+        if nkv != self.n_head:  # GQA: query head h reads key/value head h // (n_head / nkv)
+            k = k.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nkv, Tk, hs) -> (B, nh, Tk, hs)
+            v = v.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nkv, Tk, hs) -> (B, nh, Tk, hs)
 
         if self.flash:
             # one fused kernel (FlashAttention on recent GPUs); never materialises the T x T scores
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            if Tk == T:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True,
+                                                   dropout_p=self.dropout if self.training else 0.0)
+            else:  # is_causal aligns its mask top-left (query 0 sees key 0 only): wrong after a cache
+                causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # (T, Tk)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal,
+                                                   dropout_p=self.dropout if self.training else 0.0)
         else:
             # the same computation written out, to read and to step through in a debugger
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T), True where key <= query
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
+            # query i is token Tk - T + i of the sequence, and sees the keys up to that one
+            causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # (T, Tk)
             att = att.masked_fill(~causal, float('-inf'))  # a query never sees later keys
-            att = F.softmax(att, dim=-1)  # (B, nh, T, T), each row sums to 1
+            att = F.softmax(att, dim=-1)  # (B, nh, T, Tk), each row sums to 1
             att = self.attn_dropout(att)
-            y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+            y = att @ v  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
 
         return self.resid_dropout(self.c_proj(y))
+
+
+class KVCache:
+    """The keys and values one attention layer has computed for the tokens generated so far.
+    A new token then needs one position's forward plus attention over these, instead of a
+    forward over the whole context (GPT.generate). The tensors grow by torch.cat: no batch size,
+    dtype (bfloat16 under autocast) or device to know in advance. The copy is ~15% of a baby-GPT
+    step's CPU time in torch.profiler, yet a preallocated block_size buffer written in place, with
+    a fill index to track, measured no faster end to end (144 vs 148 tokens/s, 2 CPU cores)."""
+
+    def __init__(self):
+        self.k = None  # (B, nh, tokens so far, hs); nh is n_kv_head with grouped-query attention
+        self.v = None  # (B, nh, tokens so far, hs)
+
+    def __len__(self):
+        return 0 if self.k is None else self.k.size(2)
+
+    def append(self, k, v):
+        """Add the keys and values (B, nh, T, hs) of T new tokens; return all of them so far."""
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)  # (B, nh, len + T, hs)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)  # (B, nh, len + T, hs)
+        return self.k, self.v
 
 
 class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        C, self.swiglu = config.n_embd, config.swiglu
+        # SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer"): silu(x W) * (x V), then c_proj. Three
+        # matrices instead of two, so a hidden width of 2/3 * 4C keeps the GELU MLP's 8C^2 weights; rounded
+        # to the nearest multiple of 64 for fast matmuls: C = 128 -> 320 (7.5C^2), 384 -> 1024 (8C^2 exactly)
+        hidden = 64 * max(1, round(8 * C / 3 / 64)) if config.swiglu else 4 * C
+        self.c_fc = nn.Linear(C, 2 * hidden if config.swiglu else hidden, bias=config.bias)  # SwiGLU: W, V side by side
         # exact, or GPT-2's tanh approximation: they differ by up to ~1e-3, enough to change GPT-2's logits
         self.gelu = nn.GELU(approximate='tanh' if config.gelu == 'tanh' else 'none')
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        x = self.c_fc(x)  # (B, T, 4C)
-        x = self.gelu(x)
+        x = self.c_fc(x)  # (B, T, 4C); SwiGLU: (B, T, 2 * hidden)
+        if self.swiglu:
+            gate, x = x.chunk(2, dim=-1)  # 2 x (B, T, hidden)
+            x = F.silu(gate) * x  # (B, T, hidden)
+        else:
+            x = self.gelu(x)
         x = self.c_proj(x)  # (B, T, C)
         return self.dropout(x)
 
@@ -125,13 +221,13 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # tokens exchange information
+    def forward(self, x, kv_cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rope)  # tokens exchange information
         x = x + self.mlp(self.ln_2(x))  # each token computes on its own
         return x
 
@@ -143,10 +239,10 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            wpe=None if config.rope else nn.Embedding(config.block_size, config.n_embd),  # learned positions
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017, "Using the Output Embedding to Improve Language Models"):
@@ -171,23 +267,29 @@ class GPT(nn.Module):
 
     def get_num_params(self, non_embedding=True):
         """Number of parameters. By default the position embeddings are left out, as is usual
-        when quoting model size; the token embeddings count because they are also lm_head."""
+        when quoting model size; the token embeddings count because they are also lm_head. (RoPE has none.)"""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.transformer.wpe is not None:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None):
+        """kv_cache: None, or one KVCache per block holding the tokens before idx (generate)."""
         B, T = idx.size()  # batch size, sequence length
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        past = 0 if kv_cache is None else len(kv_cache[0])  # tokens already cached: idx starts at this position
+        if past + T > self.config.block_size:
+            raise ValueError(f"{past} cached + {T} new tokens are more than block_size {self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
 
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
-        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        x = self.transformer.wte(idx)  # token embeddings (B, T, C)
+        rope = rotary(pos, self.config.n_embd // self.config.n_head) if self.config.rope else None
+        if rope is None:
+            x = x + self.transformer.wpe(pos)  # position embeddings (T, C), broadcast over the batch
+        x = self.transformer.drop(x)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if kv_cache is None else kv_cache[i], rope)
         x = self.transformer.ln_f(x)  # (B, T, C)
 
         if targets is not None:
@@ -207,7 +309,8 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.transformer.wpe is not None:  # rotary positions are computed, not stored: nothing to crop
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
@@ -267,18 +370,36 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None, use_cache=True):
         """Extend idx (B, T) by max_new_tokens tokens, one at a time, each fed back in.
         temperature 0 picks the most likely token (greedy); top_k keeps only the k likeliest
         (None or 0 keeps all); vocab_size, when the model's vocabulary was padded (train.py pads
         50257 to 50304), keeps the padding ids, which no tokenizer can decode, from being drawn.
+        use_cache=True keeps each layer's keys and values (KVCache), so a new token costs one
+        position's forward; False runs the whole context through forward at every step, the
+        plain reference. Both give the same tokens (test_model.py checks their logits agree).
         Call model.eval() first, or dropout stays on."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, not {temperature}")
+        block_size = self.config.block_size
+        kv_cache = None
         for _ in range(max_new_tokens):
-            # the model has positions for block_size tokens only: keep the most recent ones
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
+            if use_cache and idx.size(1) <= block_size:
+                if kv_cache is None:  # first step: the whole prompt, filling the cache
+                    kv_cache = [KVCache() for _ in self.transformer.h]
+                    logits, _ = self(idx, kv_cache=kv_cache)
+                else:  # then only the token drawn last: the earlier ones are in the cache
+                    logits, _ = self(idx[:, -1:], kv_cache=kv_cache)
+            else:
+                # the model has positions for block_size tokens only: keep the most recent ones.
+                # Past block_size every step moves each kept token to a new position (the window
+                # slides), and with learned absolute positions (wpe) all keys and values change
+                # with it: a cache would hold nothing reusable, so the cached path runs this full
+                # forward too and stays exactly equal to the reference. RoPE's first-layer keys
+                # would only turn, but from the second layer on they depend on the tokens each one
+                # sees, which change as the window's first token drops out: the same full forward.
+                idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]
+                logits, _ = self(idx_cond)
             logits = logits[:, -1, :]  # (B, vocab_size)
             if vocab_size is not None:
                 logits[:, vocab_size:] = -float('inf')

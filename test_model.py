@@ -1,7 +1,8 @@
 """
 Tests of model.py that check numbers: a known value (ln(vocab) at init, GPT-2's init
 statistics, parameter and FLOP counts written out by hand), invariants (causality, the two
-attention paths agreeing, weight tying, cropping) and generate() against a hand-written loop.
+attention paths agreeing, weight tying, cropping), generate() against a hand-written loop, and
+generate() with the KV cache against generate() without it.
 CPU, float32, seeded, tiny configs; each test takes a second or less.
 """
 
@@ -324,6 +325,92 @@ def test_generate_never_draws_padding_ids():
     torch.manual_seed(0)
     for t in (1.0, 0):
         assert int(m.generate(idx, max_new_tokens=20, temperature=t, vocab_size=60).max()) < 60
+
+
+# -----------------------------------------------------------------------------
+# generate with a KV cache: the same numbers as the full forward it replaces
+
+
+@pytest.mark.parametrize('flash', [True, False])
+def test_forward_with_kv_cache_matches_full_forward(flash):
+    """A sequence fed in pieces (5, 1, 3, then 7 tokens) through a KV cache gives the logits of
+    one full forward at every position: the positions continue and the causal mask shifts."""
+    m = lively(tiny(flash=flash))
+    idx = random_idx(B=3, T=16)
+    targets = torch.zeros_like(idx)  # given, so all positions' logits come back
+    kv_cache = [M.KVCache() for _ in m.transformer.h]
+    with torch.no_grad():
+        full, _ = m(idx, targets)
+        pieces = [m(idx[:, a:b], targets[:, a:b].contiguous(), kv_cache=kv_cache)[0]
+                  for a, b in ((0, 5), (5, 6), (6, 9), (9, 16))]
+    assert all(len(c) == 16 for c in kv_cache) and kv_cache[0].k.shape == (3, 2, 16, 16)  # (B, nh, T, hs)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r'16 cached \+ 1 new.*16'):  # no position left for a 17th token
+        m(idx[:, :1], kv_cache=kv_cache)
+
+
+def generate_recording(m, idx, **kwargs):
+    """generate(), plus what each of its steps fed to the model (the number of tokens) and the
+    next-token logits it got, read with forward hooks."""
+    lengths, logits = [], []
+    hooks = [m.transformer.wte.register_forward_hook(lambda mod, args, out: lengths.append(args[0].size(1))),
+             m.lm_head.register_forward_hook(lambda mod, args, out: logits.append(out[:, -1, :].clone()))]
+    try:
+        out = m.generate(idx, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, lengths, logits
+
+
+@pytest.mark.parametrize('flash', [True, False])
+def test_cached_generate_logits_equal_uncached(flash):
+    """Greedy, batch 3, from 4 tokens to well past block_size (16): the cached and the uncached
+    generate draw the same tokens from logits equal within 1e-5 at every step. The cached one
+    feeds the prompt, then one token per step; past block_size both run the cropped window."""
+    m = lively(tiny(flash=flash))
+    idx = random_idx(B=3, T=4)
+    n = 2 * 16 + 5
+    cached, len_c, logits_c = generate_recording(m, idx, max_new_tokens=n, temperature=0, use_cache=True)
+    plain, len_p, logits_p = generate_recording(m, idx, max_new_tokens=n, temperature=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    assert cached.shape == (3, 4 + n) and len(set(cached[:, 4:].flatten().tolist())) > 1
+    assert len_c == [4] + [1] * 12 + [16] * (n - 13)  # tokens 5..16 from the cache, then the window slides
+    assert len_p == list(range(4, 17)) + [16] * (n - 13)
+    assert len(logits_c) == len(logits_p) == n
+    for t, (a, b) in enumerate(zip(logits_c, logits_p)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"step {t}")
+
+
+@pytest.mark.parametrize('flash', [True, False])
+def test_cached_sampling_equals_uncached(flash):
+    """Sampling (temperature 1, top_k 10) with the same seed draws the same tokens with and
+    without the cache, batch 4, past block_size; the samples are not all alike."""
+    m = lively(tiny(flash=flash))
+    idx = random_idx(B=4, T=2)
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        outs.append(m.generate(idx, max_new_tokens=30, temperature=1.0, top_k=10, use_cache=use_cache))
+    assert torch.equal(outs[0], outs[1])
+    assert len({tuple(row) for row in outs[0][:, 2:].tolist()}) == 4  # four different samples
+
+
+def test_kv_cache_under_bfloat16_autocast():
+    """Under CPU bf16 autocast the cache holds bfloat16 keys and values, and the cached logits
+    stay within bfloat16's rounding of the uncached ones."""
+    m = lively(tiny())
+    idx = random_idx(B=2, T=3)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, _, logits_c = generate_recording(m, idx, max_new_tokens=10, temperature=0, use_cache=True)
+        kv_cache = [M.KVCache() for _ in m.transformer.h]
+        with torch.no_grad():
+            m(idx, kv_cache=kv_cache)
+        _, _, logits_p = generate_recording(m, idx, max_new_tokens=10, temperature=0, use_cache=False)
+    assert kv_cache[0].k.dtype == torch.bfloat16
+    # the first steps share their context (later ones may draw a different token after a near-tie)
+    for a, b in zip(logits_c[:3], logits_p[:3]):
+        torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.02)
 
 
 # -----------------------------------------------------------------------------

@@ -61,6 +61,11 @@ n_embd = 768  # embedding width
 dropout = 0.0  # 0.0 for pretraining, 0.1+ for finetuning
 bias = True  # biases in Linear and LayerNorm layers
 flash = True  # True: fused attention; False: the manual masked attention, to step through
+rope = False  # rotary position embeddings (RoFormer) instead of learned ones (model.py cites each paper)
+rmsnorm = False  # RMSNorm instead of LayerNorm
+swiglu = False  # SwiGLU MLP instead of GELU, about the same parameter count
+n_kv_head = 0  # key/value heads, grouped-query attention: 0 = n_head (plain), 1 = multi-query
+qk_norm = False  # RMS-normalise each head's queries and keys
 # AdamW optimizer
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # optimizer steps in total
@@ -172,7 +177,8 @@ best_val_loss = float('inf')
 # the first loss of a character model reads ln(65) = 4.17.
 vocab_size = meta['vocab_size'] if meta['vocab_size'] < 4096 else 64 * math.ceil(meta['vocab_size'] / 64)
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                  vocab_size=vocab_size, bias=bias, dropout=dropout, flash=flash)
+                  vocab_size=vocab_size, bias=bias, dropout=dropout, flash=flash,
+                  rope=rope, rmsnorm=rmsnorm, swiglu=swiglu, n_kv_head=n_kv_head, qk_norm=qk_norm)
 checkpoint = None
 if init_from == 'scratch':
     log(f"a new model from scratch, vocab_size {vocab_size}")
@@ -197,9 +203,11 @@ elif init_from == 'resume':
     # a model that started from GPT-2's weights has GPT-2's shape, whatever the settings say
     origin = checkpoint['config'].get('init_from', 'scratch')
     pretrained = origin not in ('scratch', 'resume')
-    for k in () if pretrained else ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias'):
-        if saved[k] != model_args[k]:
-            fail(f"the checkpoint has {k} = {saved[k]}, the settings say {k} = {model_args[k]}: "
+    shape = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'rope', 'rmsnorm', 'swiglu', 'n_kv_head', 'qk_norm')
+    for k in () if pretrained else shape:
+        have = getattr(model.config, k)  # saved[k], or the default for a checkpoint older than the key
+        if have != model_args[k]:
+            fail(f"the checkpoint has {k} = {have}, the settings say {k} = {model_args[k]}: "
                  f"give the settings it was trained with (the same config file)")
     model_args = dict(saved, dropout=dropout, flash=flash)
     block_size = model_args['block_size']
