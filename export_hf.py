@@ -97,6 +97,11 @@ config = model.config
 if not config.bias:
     fail(f"{ckpt_path} is a bias=False model, but GPT-2's layout (and transformers' GPT2LMHeadModel) has biases "
          f"in every Linear and LayerNorm: train with --bias=True to export")
+switches = [k for k in ('rope', 'rmsnorm', 'swiglu', 'qk_norm') if getattr(config, k)] + \
+    (['n_kv_head'] if config.n_kv_head not in (0, config.n_head) else [])
+if switches:
+    fail(f"{ckpt_path} uses {', '.join(switches)}, which GPT-2's layout (GPT2LMHeadModel) does not have: only "
+         f"models with every architecture switch off export to it")
 vocab_size, tokenizer = meta['vocab_size'], meta['tokenizer']['type']
 if vocab_size > config.vocab_size:
     fail(f"data/{dataset} now has a vocabulary of {vocab_size:,}, the model {config.vocab_size:,}: "

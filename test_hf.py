@@ -358,6 +358,14 @@ def test_export_refuses_bias_false(repo):
     assert not os.path.exists(repo / 'out-nobias-hf')
 
 
+def test_export_refuses_architecture_switches(repo):
+    """Rotary embeddings, RMSNorm, SwiGLU, GQA and QK-norm have no place in GPT-2's layout."""
+    run(repo, 'train.py', *TINY, '--max_iters=1', '--eval_interval=1', '--rope=True', '--n_kv_head=1',
+        '--out_dir=out-modern')
+    assert_one_line_error(export(repo, '--hf_dir=out-modern-hf', out_dir='out-modern'), 'rope, n_kv_head')
+    assert not os.path.exists(repo / 'out-modern-hf')
+
+
 def test_finetune_from_a_folder_resume_and_export(repo, tmp_path):
     """train.py --init_from=FOLDER: GPT-2's shape (vocab 50257, tanh GELU) goes into the checkpoint,
     whatever the settings say; training lowers the loss, resume takes the shape from it, and the
