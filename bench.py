@@ -2,32 +2,72 @@
 Measures what this repository exists for, and prints the command that reproduces each number.
 
     python bench.py --mode=prepare --mb=200    # prepare.py on a generated 200 MB corpus, GPT-2 BPE
+    python bench.py --mode=train               # training steps/s of nanoGPT's CPU shape, several ways
+    python bench.py --mode=train --shape=baby  # the same for the baby GPT (6 x 6 x 384, block 256)
+    python bench.py --mode=sample              # generate() from the baby GPT with and without the KV cache
 
 prepare: writes a TinyStories-format corpus (documents of tiny-Shakespeare lines separated by
 <|endoftext|> lines) of --mb megabytes to a temporary folder, runs prepare.py on it as a user
 would, and prints its end-to-end tokens/s (reading, encoding, writing) next to the machine's
 limit: the cores it used times the rate of tiktoken's encode_ordinary on one core, on the same
 text. Also the peak resident memory of prepare.py and its worker processes together.
+
+train: one model and optimizer per variant, all from the same weights, taking the steps
+train.py takes (forward, backward, gradient clipping, AdamW, zero_grad) on random tokens
+(vocab 65). After warm-up the variants run round-robin, --iters steps each per round, so the
+machine's drift hits all alike; the table gives median ms per step, tokens/s and the ratio to
+'plain', the way nanoGPT trains on a CPU (float32, no autocast, no compile). A variant joins
+options with '+': bf16 (torch.autocast bfloat16), compile (torch.compile), fused (AdamW's fused
+kernel), manual (flash=False: the written-out attention), 1thread (torch.set_num_threads(1)
+while it runs).
+
+sample: tokens/s of generate() (batch 1, temperature 0.8, top_k 200, as sample.py) with and
+without the KV cache, medians of --repeats interleaved runs: --new_tokens from a one-token
+prompt, and separately the block_size - 1 tokens that fit the context, where the cache acts
+(past block_size the window slides and both paths run a full forward per token: model.py).
 """
 
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
+
+import torch
 
 import configurator
+from model import GPT, GPTConfig
 from prepare import DATA_DIR, gpt2_encoding
 
 # -----------------------------------------------------------------------------
-mode = 'prepare'  # 'prepare'
+mode = 'prepare'  # 'prepare' | 'train' | 'sample'
+seed = 1337  # seeds the generated corpus, the weights and the random tokens
+# prepare
 mb = 200  # size of the generated corpus, in megabytes
 workers = 0  # prepare.py's --workers; 0 = one per core
-seed = 1337  # seeds the generated corpus
+# train and sample
+shape = 'auto'  # 'cpu': nanoGPT's CPU recipe | 'baby': the baby GPT | 'auto': cpu to train, baby to sample
+variants = 'plain,1thread,bf16,bf16+manual,compile,bf16+manual+compile,fused,bf16+manual+fused'  # train: '+' joins options
+rounds = 5  # train: rounds over the variants (round-robin)
+iters = 10  # train: timed steps per variant in each round
+warmup = 3  # train: untimed steps per variant first (the first one compiles)
+threads = 0  # torch.set_num_threads; 0 keeps torch's default, one per core
+new_tokens = 500  # sample: tokens generated per run
+dtype = 'float32'  # sample: 'float32' | 'bfloat16' (autocast around generate, as sample.py does)
+repeats = 3  # sample: runs per way, interleaved
 # -----------------------------------------------------------------------------
 configurator.configure(globals())
+
+# the shapes of config/train_shakespeare_char_cpu.py (nanoGPT's README command for CPUs) and of
+# config/train_shakespeare_char.py at batch 16 (its 64 would make a CPU step take seconds)
+SHAPES = {
+    'cpu': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0),
+    'baby': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16, dropout=0.2),
+}
 
 
 def tree_rss(pid):
@@ -98,7 +138,140 @@ def bench_prepare():
     print(f"reproduce: python bench.py --mode=prepare --mb={mb} --workers={workers}")
 
 
+def cpu_seconds():
+    """(busy CPU seconds of the whole machine, of this process) so far, from /proc/stat (Linux).
+    On 2 cores another busy process matters: torch's threads wait for each other at every op."""
+    with open('/proc/stat') as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal
+    t = os.times()
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf('SC_CLK_TCK'), t.user + t.system
+
+
+def others_load(start, t0):
+    """The share of all cores other processes kept busy since cpu_seconds() returned start at t0."""
+    (machine, own), (machine0, own0) = cpu_seconds(), start
+    return ((machine - machine0) - (own - own0)) / ((time.perf_counter() - t0) * os.cpu_count())
+
+
+def make_model(s, flash=True):
+    """A GPT of shape s (a SHAPES entry) at its seeded initialisation, vocab 65 as shakespeare_char."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'], block_size=s['block_size'],
+                         vocab_size=65, dropout=s['dropout'], bias=True, flash=flash))
+
+
+def bench_train(s):
+    names = [v for v in variants.split(',') if v]
+    for name in names:
+        unknown = set(name.split('+')) - {'plain', 'bf16', 'compile', 'fused', 'manual', '1thread'}
+        if unknown:
+            configurator.fail(f"unknown option {sorted(unknown)[0]!r} in variant '{name}': "
+                              f"join plain, bf16, compile, fused, manual, 1thread with '+'")
+    B, T = s['batch_size'], s['block_size']
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 65, (B, T + 1), generator=g) for _ in range(8)]
+    batches = [(xy[:, :-1].contiguous(), xy[:, 1:].contiguous()) for xy in seqs]  # (B, T) inputs, targets
+    n_threads = torch.get_num_threads()  # the default, or --threads
+    runs = {}
+    for name in names:
+        opts = set(name.split('+'))
+        model = make_model(s, flash='manual' not in opts)
+        model.train()
+        # what train.py does on the CPU: configure_optimizers (no fused kernel off CUDA), float32
+        opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu')
+        if 'fused' in opts:  # the same groups, one fused AdamW kernel for all tensors
+            opt = torch.optim.AdamW(opt.param_groups, lr=1e-3, betas=(0.9, 0.99), fused=True)
+        ctx = torch.autocast('cpu', dtype=torch.bfloat16) if 'bf16' in opts else nullcontext()
+        fwd = torch.compile(model) if 'compile' in opts else model
+        runs[name] = dict(model=model, fwd=fwd, opt=opt, ctx=ctx, opts=opts, times=[], losses=[])
+
+    def step(r, i):
+        """One train.py step (gradient_accumulation_steps=1, grad_clip=1.0); returns seconds."""
+        torch.set_num_threads(1 if '1thread' in r['opts'] else n_threads)
+        x, y = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        with r['ctx']:
+            _, loss = r['fwd'](x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(r['model'].parameters(), 1.0)
+        r['opt'].step()
+        r['opt'].zero_grad(set_to_none=True)
+        r['losses'].append(loss.item())  # waits for the step, as train.py's log line does
+        return time.perf_counter() - t0
+
+    print(f"training steps, shape '{s['name']}': {s['n_layer']} layers x {s['n_head']} heads x {s['n_embd']}, "
+          f"block {T}, batch {B}, dropout {s['dropout']}, {runs[names[0]]['model'].get_num_params() / 1e6:.2f}M "
+          f"parameters; torch {torch.__version__}, {n_threads} threads")
+    for name, r in runs.items():  # warm-up; the first step of a compiled model includes compiling it
+        r['first'] = step(r, 0)
+        for i in range(1, warmup):
+            step(r, i)
+    load0 = cpu_seconds(), time.perf_counter()
+    for k in range(rounds):
+        for r in runs.values():
+            r['times'] += [step(r, warmup + k * iters + i) for i in range(iters)]
+    torch.set_num_threads(n_threads)
+    load = others_load(*load0)
+
+    base = statistics.median(runs[names[0]]['times'])
+    flops = runs[names[0]]['model'].flops_per_token() * B * T
+    w = max(len(name) for name in names)
+    print(f"{'variant':<{w}} {'ms/iter':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'vs ' + names[0]:>9} "
+          f"{'first step':>11} {'last loss':>10}")
+    for name, r in runs.items():
+        dt = statistics.median(r['times'])
+        print(f"{name:<{w}} {dt * 1e3:8.1f} {B * T / dt:9,.0f} {flops / dt / 1e9:8.1f} {base / dt:8.2f}x "
+              f"{r['first']:10.1f}s {r['losses'][-1]:10.4f}")
+    print(f"medians of {rounds} x {iters} steps each, round-robin; other processes kept {load:.0%} of the "
+          f"{os.cpu_count()} cores busy meanwhile. 'first step' includes compiling, shorter when inductor's "
+          f"on-disk cache holds the graph: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 times a cold compile")
+    print(f"reproduce: python bench.py --mode=train --shape={s['name']} --variants={variants} "
+          f"--rounds={rounds} --iters={iters} --warmup={warmup} --threads={threads}")
+
+
+def bench_sample(s):
+    model = make_model(s)
+    model.eval()  # no dropout
+    T = s['block_size']
+    lengths = [(T - 1, 'within the context'), (new_tokens, f'{new_tokens} new tokens')]
+    times = {(n, c): [] for n, _ in lengths for c in (False, True)}
+    outs = {}
+    idx = torch.zeros((1, 1), dtype=torch.long)  # a one-token prompt, as sample.py's default "\n"
+    ctx = torch.autocast('cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    model.generate(idx, 8)  # warm-up
+    load0 = cpu_seconds(), time.perf_counter()
+    for _ in range(repeats):
+        for n, c in times:
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            with ctx:  # for the whole call, so autocast casts each weight once, not once per token
+                outs[n, c] = model.generate(idx, n, temperature=0.8, top_k=200, use_cache=c)
+            times[n, c].append(time.perf_counter() - t0)
+
+    print(f"generate(), shape '{s['name']}': {s['n_layer']} layers x {s['n_head']} heads x {s['n_embd']}, "
+          f"block_size {T}, batch 1, one-token prompt, {dtype}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'new tokens':<28} {'no cache tok/s':>14} {'cache tok/s':>12} {'ratio':>7} {'same tokens':>12}")
+    for n, label in lengths:
+        plain, cached = (statistics.median(times[n, c]) for c in (False, True))
+        same = 'yes' if torch.equal(outs[n, False], outs[n, True]) else 'no'
+        print(f"{n:>4} ({label + ')':<22} {n / plain:14,.1f} {n / cached:12,.1f} {plain / cached:6.2f}x {same:>12}")
+    print(f"medians of {repeats} interleaved runs each; past block_size both run a full forward per token; "
+          f"other processes kept {others_load(*load0):.0%} of the {os.cpu_count()} cores busy meanwhile")
+    print(f"reproduce: python bench.py --mode=sample --shape={s['name']} --new_tokens={new_tokens} --repeats={repeats} "
+          f"--dtype={dtype} --threads={threads}")
+
+
 if mode == 'prepare':
     bench_prepare()
+elif mode in ('train', 'sample'):
+    if dtype not in ('float32', 'bfloat16'):
+        configurator.fail(f"dtype must be 'float32' or 'bfloat16', not '{dtype}'")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    name = shape if shape != 'auto' else {'train': 'cpu', 'sample': 'baby'}[mode]
+    if name not in SHAPES:
+        configurator.fail(f"shape must be 'auto', 'cpu' or 'baby', not '{shape}'")
+    (bench_train if mode == 'train' else bench_sample)(dict(SHAPES[name], name=name))
 else:
-    configurator.fail(f"mode must be 'prepare', not '{mode}'")
+    configurator.fail(f"mode must be 'prepare', 'train' or 'sample', not '{mode}'")
