@@ -10,7 +10,8 @@ which, for each command-line argument in order:
                         (ast.literal_eval), and taken as a plain string when it is not one
   --help                lists every setting with its default and comment, then exits
 
-A setting keeps the type of its default (an int is accepted where a float is expected).
+A setting keeps the type of its default (an int is accepted where a float is expected, and
+True or False where a string such as 'auto' is: they become 'True' and 'False').
 An unknown key, a value of the wrong type or a missing config file stops the script with one
 line saying what is wrong. configure() returns the resolved settings as a dict, which the
 scripts store in their checkpoints.
@@ -51,6 +52,8 @@ def coerce(key, value, default, where):
     want = type(default)
     if want is float and type(value) is int:
         return float(value)  # --learning_rate=1 means 1.0
+    if want is str and type(value) is bool:
+        return str(value)  # compile = True in a config file, for a setting whose default is 'auto'
     if type(value) is not want:
         example = {bool: 'True or False', int: 'an integer such as 100', float: 'a number such as 3e-4',
                    str: 'a string'}[want]
@@ -114,7 +117,7 @@ def comments_of(script_path):
     comments = {}
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            comments[node.targets[0].id] = comment_at_line.get(node.lineno, '')
+            comments.setdefault(node.targets[0].id, comment_at_line.get(node.lineno, ''))  # the defaults' block comes first
     return comments
 
 

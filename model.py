@@ -435,12 +435,19 @@ def pick_device(device='auto'):
     return device
 
 
+def cpu_has_bf16():
+    """Native bfloat16 matmuls on this CPU (AVX512-BF16 or AMX, as in recent Xeons and EPYCs)."""
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+
 def pick_dtype(dtype, device):
-    """'auto': bfloat16 on GPUs that have it, float16 on older GPUs (with a GradScaler), else float32."""
+    """'auto': bfloat16 on GPUs that have it, float16 on older GPUs (with a GradScaler), bfloat16 on
+    CPUs with native bf16 (on a 2-core AVX512-BF16 EPYC, with flash=False: 1.5-1.8x float32's
+    training speed, same loss; bench.py --mode=train), else float32."""
     if dtype == 'auto':
         if device.startswith('cuda'):
             return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        return 'float32'
+        return 'bfloat16' if device == 'cpu' and cpu_has_bf16() else 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise ValueError(f"dtype '{dtype}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
     return dtype

@@ -296,7 +296,8 @@ def test_train_resume_and_sample_a_modern_model(repo):  # noqa: F811 (repo is th
     assert_one_line_error(bad, 'the checkpoint has n_kv_head = 1, the settings say n_kv_head = 2')
 
     # sample.py (with the KV cache) draws greedily what generate without the cache draws, past block_size
-    p = run(repo, 'sample.py', out, '--start=ROMEO:', '--temperature=0', '--num_samples=1', '--max_new_tokens=40')
+    p = run(repo, 'sample.py', out, '--start=ROMEO:', '--temperature=0', '--num_samples=1', '--max_new_tokens=40',
+            '--dtype=float32')
     chars = json.loads((repo / 'data' / 'shakespeare_char' / 'meta.json').read_text())['tokenizer']['chars']
     m, _ = M.load_checkpoint(repo / out.split('=')[1] / 'ckpt.pt', 'cpu')
     m.eval()

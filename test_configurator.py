@@ -89,6 +89,14 @@ def test_str_setting_keeps_the_text(scope, raw, value):
     assert scope['dataset'] == value and type(scope['dataset']) is str
 
 
+def test_true_or_false_for_a_text_setting(scope, tmp_path):
+    """A setting whose default is text such as 'auto' (train.py's compile) takes True or False,
+    from a flag or a config file, as 'True' or 'False'."""
+    scope['compile'] = 'auto'
+    assert configurator.configure(scope, ['--compile=False'])['compile'] == 'False'
+    assert configurator.configure(scope, [config_file(tmp_path, 'c.py', 'compile = True\n')])['compile'] == 'True'
+
+
 def test_config_files_and_flags_apply_in_order(scope, tmp_path):
     """Config files run in order, then a later flag overrides them; a later file overrides an earlier flag."""
     first = config_file(tmp_path, 'first.py', "batch_size = 1\ndataset = 'first'\n")

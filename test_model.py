@@ -524,10 +524,14 @@ def test_pick_device_cuda_unavailable():
     assert 'cuda' in message and 'available' in message and 'cpu' in message, message
 
 
-def test_pick_dtype():
-    """'auto' on the CPU is float32 (CPU autocast is slower than float32 matmuls on most CPUs);
-    an explicit dtype is kept; an unknown one is refused by name."""
-    assert M.pick_dtype('auto', 'cpu') == 'float32'
+def test_pick_dtype(monkeypatch):
+    """'auto' on the CPU is bfloat16 where the processor has native bf16 matmuls, float32
+    elsewhere (there CPU autocast is slower than float32); an explicit dtype is kept; an
+    unknown one is refused by name."""
+    for native, expected in ((True, 'bfloat16'), (False, 'float32')):
+        monkeypatch.setattr(M, 'cpu_has_bf16', lambda: native)
+        assert M.pick_dtype('auto', 'cpu') == expected
+        assert M.pick_dtype('auto', 'mps') == 'float32'
     for dtype in ('float32', 'bfloat16', 'float16'):
         assert M.pick_dtype(dtype, 'cpu') == dtype
     with pytest.raises(ValueError, match='float8'):
