@@ -17,7 +17,8 @@ import shutil
 
 import configurator
 from configurator import fail
-from model import HF_CONV1D, load_checkpoint
+from hf import HF_CONV1D
+from model import load_checkpoint
 from prepare import DATA_DIR, EOT_NAMES, GPT2_EOT, DataError, gpt2_encoding, load_meta, need
 
 # -----------------------------------------------------------------------------

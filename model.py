@@ -7,12 +7,10 @@ References:
 3) "Attention Is All You Need" (Vaswani et al., 2017) for the attention itself
 
 Importing this file has no side effects: it only defines things. The last sections hold the few
-helpers the scripts share (device and precision, checkpoints, GPT-2's Hugging Face files).
+helpers the scripts share (device and precision, checkpoints); hf.py reads GPT-2's Hugging Face files.
 """
 
-import glob
 import inspect
-import json
 import math
 import os
 import re
@@ -317,27 +315,14 @@ class GPT(nn.Module):
         """GPT-2's weights: 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' from the Hugging Face hub, or a
         local folder in its layout (config.json, model.safetensors or pytorch_model.bin; export_hf.py writes
         one). override_args may set what leaves the weights alone: dropout (default 0.0), flash."""
+        import hf  # reading the Hugging Face layout: hf.py
         override_args = override_args or {}
         if set(override_args) - {'dropout', 'flash'}:
             raise ValueError(f"from_pretrained overrides only dropout and flash, not {sorted(override_args)}")
-        folder = name_or_path if os.path.isdir(name_or_path) else download_gpt2(name_or_path)
-        model = cls(GPTConfig(**{**read_hf_config(folder), 'dropout': 0.0, **override_args}))
-
-        weights = load_hf_weights(folder)
-        lm_head = weights.pop('lm_head.weight', None)  # absent when saved tied, as transformers does
-        state_dict = {}
-        for k, v in weights.items():
-            k = k.removeprefix('transformer.')  # GPT2LMHeadModel's files say transformer.h.0..., GPT2Model's h.0...
-            if k.endswith(('.attn.bias', '.attn.masked_bias')):
-                continue  # the causal mask, which older transformers saved as a buffer: not a weight
-            state_dict['transformer.' + k] = v.t() if k.endswith(HF_CONV1D) else v  # Conv1D's (in, out) -> (out, in)
-        wte = state_dict.get('transformer.wte.weight')
-        if wte is not None:
-            if lm_head is not None and not torch.equal(lm_head, wte):
-                raise ValueError(f"{folder}: lm_head differs from wte, but this GPT ties them (weight tying, as GPT-2)")
-            state_dict['lm_head.weight'] = wte
+        folder = name_or_path if os.path.isdir(name_or_path) else hf.download_gpt2(name_or_path)
+        model = cls(GPTConfig(**{**hf.read_config(folder), 'dropout': 0.0, **override_args}))
         try:
-            model.load_state_dict(state_dict)  # copies, casting float16/bfloat16 files to float32
+            model.load_state_dict(hf.read_weights(folder))  # copies, casting float16/bfloat16 files to float32
         except RuntimeError as e:  # missing or unexpected names, other shapes: torch's message lists them
             message = ' '.join(str(e).split())[:300]  # in one line
             raise ValueError(f"{folder}: the weights do not fit its config.json ({message})") from None
@@ -504,79 +489,3 @@ def load_checkpoint(path, device, **overrides):
     model.load_state_dict(state_dict)
     model.to(device)
     return model, checkpoint
-
-
-# -----------------------------------------------------------------------------
-# GPT-2 in the Hugging Face layout: GPT.from_pretrained reads it, export_hf.py writes it.
-
-# the hub's GPT-2s as (n_layer, n_head, n_embd): 124M, 350M, 774M and 1558M parameters
-GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024),
-              'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600)}
-HF_CONV1D = ('c_attn.weight', 'c_proj.weight', 'c_fc.weight')  # weights HF's GPT-2 stores transposed, (in, out)
-HF_GELU = {'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu': 'exact'}  # activation_function -> GPTConfig.gelu
-
-
-def download_gpt2(name):
-    """The hub's GPT-2 folder, cached by huggingface_hub (which reads HF_ENDPOINT and HF_HUB_OFFLINE)."""
-    if name not in GPT2_SIZES:
-        raise ValueError(f"'{name}' is not a folder, nor one of {', '.join(GPT2_SIZES)}")
-    try:
-        from huggingface_hub import snapshot_download  # comes with transformers
-    except ImportError:
-        raise ImportError(f"downloading '{name}' needs the Hugging Face hub client: pip install transformers") from None
-    repo = f'openai-community/{name}'  # where OpenAI's models live on the hub ('gpt2' alone is a redirect)
-    try:
-        return snapshot_download(repo, allow_patterns=['config.json', 'model.safetensors'])
-    except Exception as e:  # offline, a proxy, a wrong HF_ENDPOINT, a revoked repo...
-        first_line = (str(e).strip().splitlines() or [''])[0]
-        raise ValueError(f"cannot download '{name}' from the Hugging Face hub ({type(e).__name__}: {first_line}); "
-                         f"where it is reachable, run 'hf download {repo} config.json model.safetensors "
-                         f"--local-dir {name}', copy that folder here and pass its path instead") from None
-
-
-def read_hf_config(folder):
-    """GPTConfig's arguments for the GPT-2 of a folder's config.json (transformers' GPT2Config)."""
-    path = os.path.join(folder, 'config.json')
-    try:
-        with open(path, encoding='utf-8') as f:
-            hf = json.load(f)
-        args = dict(n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'], block_size=hf['n_positions'],
-                    vocab_size=hf['vocab_size'], bias=True, gelu=HF_GELU.get(hf.get('activation_function', 'gelu_new')))
-    except (OSError, ValueError, KeyError, TypeError) as e:  # no file, not JSON, a missing key, not a dict
-        raise ValueError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e})") from None
-    # refuse the settings this model does not compute, rather than give other logits
-    unsupported = [f"{k}={hf.get(k)!r}" for k, ok in [
-        ('model_type', hf.get('model_type') == 'gpt2'),
-        ('activation_function', args['gelu'] is not None),
-        ('n_inner', hf.get('n_inner') in (None, 4 * hf['n_embd'])),
-        ('layer_norm_epsilon', hf.get('layer_norm_epsilon', 1e-5) == 1e-5),
-        ('scale_attn_weights', hf.get('scale_attn_weights', True)),
-        ('scale_attn_by_inverse_layer_idx', not hf.get('scale_attn_by_inverse_layer_idx', False)),
-    ] if not ok]
-    if unsupported:
-        raise ValueError(f"{path}: this GPT does not implement {', '.join(unsupported)}")
-    return args
-
-
-def load_hf_weights(folder):
-    """{name: tensor} of a Hugging Face folder: model.safetensors or pytorch_model.bin, or the
-    shards of a large model (model-00001-of-00003.safetensors, ...)."""
-    paths = (sorted(glob.glob(os.path.join(glob.escape(folder), 'model*.safetensors'))) or
-             sorted(glob.glob(os.path.join(glob.escape(folder), 'pytorch_model*.bin'))))
-    if not paths:
-        raise ValueError(f"{folder} has no model.safetensors nor pytorch_model.bin")
-    if paths[0].endswith('.safetensors'):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"reading {paths[0]} needs safetensors: pip install safetensors") from None
-    else:  # weights_only: the file can hold only tensors, so loading it never runs code (a pickle can)
-        load_file = lambda path: torch.load(path, map_location='cpu', weights_only=True)
-    state_dict = {}
-    for path in paths:
-        try:
-            state_dict.update(load_file(path))
-        except Exception as e:  # truncated, or not what its name says
-            first_line = (str(e).strip().splitlines() or [''])[0]
-            raise ValueError(f"cannot read {path} ({type(e).__name__}: {first_line})") from None
-    return state_dict
