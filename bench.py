@@ -4,7 +4,7 @@ Measures what this repository exists for, and prints the command that reproduces
     python bench.py --mode=prepare --mb=200    # prepare.py on a generated 200 MB corpus, GPT-2 BPE
     python bench.py --mode=train               # training steps/s of nanoGPT's CPU shape, several ways
     python bench.py --mode=train --shape=baby  # the same for the baby GPT (6 x 6 x 384, block 256)
-    python bench.py --mode=sample              # generate() from the baby GPT with and without the KV cache
+    python bench.py --mode=sample              # generate() from the baby GPT, with and without the KV cache
 
 prepare: writes a TinyStories-format corpus (documents of tiny-Shakespeare lines separated by
 <|endoftext|> lines) of --mb megabytes to a temporary folder, runs prepare.py on it as a user
@@ -22,10 +22,11 @@ kernel, which configure_optimizers picks on the CPU and CUDA), manual (flash=Fal
 written-out attention), 1thread (torch.set_num_threads(1) while it runs). train.py with
 config/train_shakespeare_char_cpu.py on a CPU with native bf16 runs bf16+manual+fused.
 
-sample: tokens/s of generate() (batch 1, temperature 0.8, top_k 200, as sample.py) with and
-without the KV cache, medians of --repeats interleaved runs: --new_tokens from a one-token
-prompt, and separately the block_size - 1 tokens that fit the context, where the cache acts
-(past block_size the window slides and both paths run a full forward per token: model.py).
+sample: tokens/s of generate() (batch 1, temperature 0.8, top_k 200, as sample.py) in several
+ways, medians of --repeats interleaved runs: --new_tokens from a one-token prompt, and separately
+the block_size - 1 tokens that fit the context, where the cache acts (past block_size the window
+slides and every way runs a full forward per token: model.py). 'plain' is nanoGPT's way (float32,
+no cache); sample.py on a CPU with native bf16 samples the 'bf16+cache' way.
 """
 
 import os
@@ -58,7 +59,7 @@ iters = 10  # train: timed steps per variant in each round
 warmup = 3  # train: untimed steps per variant first (the first one compiles)
 threads = 0  # torch.set_num_threads; 0 keeps torch's default, one per core
 new_tokens = 500  # sample: tokens generated per run
-dtype = 'float32'  # sample: 'float32' | 'bfloat16' (autocast around generate, as sample.py does)
+ways = 'plain,cache,bf16,bf16+cache'  # sample: '+' joins cache (the KV cache) and bf16 (autocast, as sample.py)
 repeats = 3  # sample: runs per way, interleaved
 # -----------------------------------------------------------------------------
 configurator.configure(globals())
@@ -236,39 +237,43 @@ def bench_sample(s):
     model.eval()  # no dropout
     T = s['block_size']
     lengths = [(T - 1, 'within the context'), (new_tokens, f'{new_tokens} new tokens')]
-    times = {(n, c): [] for n, _ in lengths for c in (False, True)}
+    names = [w for w in ways.split(',') if w]
+    for name in names:
+        if set(name.split('+')) - {'plain', 'cache', 'bf16'}:
+            configurator.fail(f"unknown way '{name}': join plain, cache, bf16 with '+'")
+    times = {(n, w): [] for n, _ in lengths for w in names}
     outs = {}
     idx = torch.zeros((1, 1), dtype=torch.long)  # a one-token prompt, as sample.py's default "\n"
-    ctx = torch.autocast('cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
     model.generate(idx, 8)  # warm-up
     load0 = cpu_seconds(), time.perf_counter()
     for _ in range(repeats):
-        for n, c in times:
+        for n, w in times:
             torch.manual_seed(seed)
+            ctx = torch.autocast('cpu', dtype=torch.bfloat16) if 'bf16' in w else nullcontext()
             t0 = time.perf_counter()
-            with ctx:  # for the whole call, so autocast casts each weight once, not once per token
-                outs[n, c] = model.generate(idx, n, temperature=0.8, top_k=200, use_cache=c)
-            times[n, c].append(time.perf_counter() - t0)
+            with ctx:  # for the whole call, as sample.py does
+                outs[n, w] = model.generate(idx, n, temperature=0.8, top_k=200, use_cache='cache' in w)
+            times[n, w].append(time.perf_counter() - t0)
 
     print(f"generate(), shape '{s['name']}': {s['n_layer']} layers x {s['n_head']} heads x {s['n_embd']}, "
-          f"block_size {T}, batch 1, one-token prompt, {dtype}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'new tokens':<28} {'no cache tok/s':>14} {'cache tok/s':>12} {'ratio':>7} {'same tokens':>12}")
+          f"block_size {T}, batch 1, one-token prompt; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'new tokens':<28} {'way':<12} {'tokens/s':>9} {'vs plain':>9} {'same tokens as plain':>21}")
     for n, label in lengths:
-        plain, cached = (statistics.median(times[n, c]) for c in (False, True))
-        same = 'yes' if torch.equal(outs[n, False], outs[n, True]) else 'no'
-        print(f"{n:>4} ({label + ')':<22} {n / plain:14,.1f} {n / cached:12,.1f} {plain / cached:6.2f}x {same:>12}")
-    print(f"medians of {repeats} interleaved runs each; past block_size both run a full forward per token; "
-          f"other processes kept {others_load(*load0):.0%} of the {os.cpu_count()} cores busy meanwhile")
-    print(f"reproduce: python bench.py --mode=sample --shape={s['name']} --new_tokens={new_tokens} --repeats={repeats} "
-          f"--dtype={dtype} --threads={threads}")
+        base = statistics.median(times[n, names[0]])
+        for w in names:
+            t = statistics.median(times[n, w])
+            same = 'yes' if torch.equal(outs[n, w], outs[n, names[0]]) else 'no'
+            print(f"{n:>4} ({label + ')':<22} {w:<12} {n / t:9,.1f} {base / t:8.2f}x {same:>21}")
+    print(f"medians of {repeats} interleaved runs each, ratios to '{names[0]}'; past block_size every way runs a "
+          f"full forward per token; other processes kept {others_load(*load0):.0%} of the {os.cpu_count()} "
+          f"cores busy meanwhile")
+    print(f"reproduce: python bench.py --mode=sample --shape={s['name']} --new_tokens={new_tokens} "
+          f"--repeats={repeats} --ways={ways} --threads={threads}")
 
 
 if mode == 'prepare':
     bench_prepare()
 elif mode in ('train', 'sample'):
-    if dtype not in ('float32', 'bfloat16'):
-        configurator.fail(f"dtype must be 'float32' or 'bfloat16', not '{dtype}'")
     if threads > 0:
         torch.set_num_threads(threads)
     name = shape if shape != 'auto' else {'train': 'cpu', 'sample': 'baby'}[mode]

@@ -7,7 +7,8 @@ References:
 3) "Attention Is All You Need" (Vaswani et al., 2017) for the attention itself
 
 Importing this file has no side effects: it only defines things. The last sections hold the few
-helpers the scripts share (device and precision, checkpoints); hf.py reads GPT-2's Hugging Face files.
+helpers the scripts share (device and precision, checkpoints); export_hf.py reads and writes
+GPT-2's Hugging Face files.
 """
 
 import math
@@ -314,7 +315,7 @@ class GPT(nn.Module):
         """GPT-2's weights: 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' from the Hugging Face hub, or a
         local folder in its layout (config.json, model.safetensors or pytorch_model.bin; export_hf.py writes
         one). override_args may set what leaves the weights alone: dropout (default 0.0), flash."""
-        import hf  # reading the Hugging Face layout: hf.py
+        import export_hf as hf  # the Hugging Face layout: read there, written by it as a script
         override_args = override_args or {}
         if set(override_args) - {'dropout', 'flash'}:
             raise ValueError(f"from_pretrained overrides only dropout and flash, not {sorted(override_args)}")
@@ -348,7 +349,8 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
         score and weighted-sum matmuls (PaLM paper, Chowdhery et al. 2022, appendix B)."""
         N = self.get_num_params()
-        L, H, Q, T = self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head, self.config.block_size
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         return 6 * N + 12 * L * H * Q * T
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):

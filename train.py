@@ -81,7 +81,7 @@ min_lr = 6e-5  # floor of the schedule; ~learning_rate / 10 (Chinchilla)
 # system
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps' (under torchrun: each process its own GPU)
 dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16' (float16 uses a GradScaler)
-compile = 'auto'  # torch.compile the model: 'auto' = on CUDA only (on 2 CPU cores: 0.97-1.04x per step after 25-50 s of compiling, bench.py) | True | False
+compile = 'auto'  # torch.compile the model: 'auto' (on CUDA only; on a CPU 0.97-1.04x, after 25-50 s) | True | False
 fsdp = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of copying them (DDP)
 seed = 1337  # seeds the initialisation, dropout and the order of batches
 # -----------------------------------------------------------------------------
