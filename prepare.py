@@ -1,5 +1,5 @@
 """
-Turns a text corpus into token ids that train.py reads:
+Turns a text corpus into token ids that train.py reads (python prepare.py --help for every option):
 
     python prepare.py shakespeare_char                     # tiny Shakespeare, one token per character
     python prepare.py shakespeare                          # tiny Shakespeare, GPT-2 BPE
@@ -8,16 +8,13 @@ Turns a text corpus into token ids that train.py reads:
     python prepare.py novel --input=novel.txt --tokenizer=char         # your own text (a file, folder or glob)
     python prepare.py mine --input='books/*.txt' --tokenizer=bpe --vocab_size=8192
 
-Each writes data/<name>/train.bin and val.bin (flat arrays of token ids) and meta.json, which
-says how to read them (dtype) and how to turn ids back into text (the tokenizer). Run
-python prepare.py --help for every option.
+Each writes data/<name>/train.bin and val.bin (flat arrays of token ids) and meta.json, which says how to
+read them (dtype) and how to turn ids back into text (the tokenizer). Processes on every core encode the
+text a chunk at a time, so a corpus larger than memory works; every file is written under a temporary
+name and renamed at the end, so an interrupted run never leaves a truncated train.bin behind.
 
-The text is cut into chunks that processes on every core read and encode, so a corpus larger
-than memory works; files are written under temporary names and renamed at the end, so an
-interrupted run never leaves a truncated train.bin behind.
-
-This file is also the home of the tokenizer helpers train.py and sample.py import
-(load_meta, load_tokenizer); importing it does nothing else.
+Also the home of the tokenizer helpers train.py and sample.py import (load_meta, load_tokenizer);
+importing this file does nothing else.
 """
 
 import argparse
@@ -25,7 +22,6 @@ import base64
 import collections
 import glob
 import hashlib
-import itertools
 import json
 import os
 import pickle
@@ -42,8 +38,8 @@ import numpy as np
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 HF_ENDPOINT = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')  # mirrors set HF_ENDPOINT
 
-# OpenAI's GPT-2 BPE merge ranks in tiktoken's format, committed so that no download is needed:
-# byte for byte the r50k_base file tiktoken fetches (the 'gpt2' encoding), with its sha256.
+# OpenAI's GPT-2 BPE merge ranks, committed so that no download is needed: byte for byte the r50k_base
+# file tiktoken fetches for its 'gpt2' encoding, with its sha256
 GPT2_BPE_FILE = os.path.join(DATA_DIR, 'gpt2.tiktoken')
 GPT2_BPE_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
 # GPT-2's pre-tokenisation pattern, in the faster equivalent form tiktoken uses (tiktoken_ext/openai_public.py)
@@ -51,17 +47,16 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 GPT2_EOT = 50256  # <|endoftext|>
 EOT_NAMES = ('<|endoftext|>', '</s>', '<|end_of_text|>', '<eos>')  # end-of-text tokens of common tokenizers
 
-# the named datasets: where the text comes from, how documents are separated, the default tokenizer
-SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-SHAKESPEARE = dict(files={'input.txt': SHAKESPEARE_URL}, folder='shakespeare_char')  # committed; 1,115,394 chars
-TINYSTORIES_URL = HF_ENDPOINT + '/datasets/roneneldan/TinyStories/resolve/main/'
+# the named datasets: their text (files at url + name, kept in data/<folder or name>/; or a hub dataset),
+# how documents are separated, the default tokenizer
+SHAKESPEARE = dict(url='https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/',
+                   files=['input.txt'], folder='shakespeare_char')  # committed; 1,115,394 chars
 DATASETS = {
     'shakespeare_char': dict(SHAKESPEARE, tokenizer='char'),
     'shakespeare': dict(SHAKESPEARE, tokenizer='gpt2'),
     # stories separated by lines holding <|endoftext|>; blank lines inside a story are part of it
-    'tinystories': dict(files={'TinyStoriesV2-GPT4-train.txt': TINYSTORIES_URL + 'TinyStoriesV2-GPT4-train.txt',
-                               'TinyStoriesV2-GPT4-valid.txt': TINYSTORIES_URL + 'TinyStoriesV2-GPT4-valid.txt'},
-                        folder='tinystories', separator='<|endoftext|>', tokenizer='gpt2'),
+    'tinystories': dict(url=HF_ENDPOINT + '/datasets/roneneldan/TinyStories/resolve/main/', separator='<|endoftext|>',
+                        files=['TinyStoriesV2-GPT4-train.txt', 'TinyStoriesV2-GPT4-valid.txt'], tokenizer='gpt2'),
     # 8M web documents. The hub's copy used a loading script, which datasets >= 4 refuses; its
     # parquet conversion (revision refs/convert/parquet) loads with any recent release.
     'openwebtext': dict(hub='Skylion007/openwebtext', tokenizer='gpt2', val_fraction=0.0005),  # nanoGPT's 0.05%
@@ -88,8 +83,7 @@ def need(module, pip_name):
 #   {"type": "tokenizers", "file": "tokenizer.json"}   a Hugging Face tokenizers file beside the data
 
 def gpt2_encoding():
-    """tiktoken's GPT-2 encoding, built from the committed BPE file: works with no network,
-    unlike tiktoken.get_encoding('gpt2'), which downloads its vocabulary on first use."""
+    """tiktoken's GPT-2 encoding from the committed file (tiktoken.get_encoding('gpt2') would download it)."""
     tiktoken = need('tiktoken', 'tiktoken')
     with open(GPT2_BPE_FILE, 'rb') as f:
         contents = f.read()
@@ -136,17 +130,15 @@ def array_encoder(spec, data_dir):
 
 
 class PlainUnpickler(pickle.Unpickler):
-    """Reads pickles of plain data (dicts, lists, str, int, ...) only: these need no class, so
-    any class a pickle names, whose loading could run code, is refused."""
+    """Plain data only (dicts, lists, str, int, ...): a class a pickle names is refused, as loading it can run code."""
 
     def find_class(self, module, name):
         raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain data is read")
 
 
 def load_meta(data_dir):
-    """Read data/<name>/meta.json, or say which command makes it. A folder prepared by nanoGPT
-    works too: its meta.pkl (characters) is read as plain data, and without one its .bin files
-    hold GPT-2 BPE ids as uint16, as nanoGPT's train.py assumes."""
+    """Read data/<name>/meta.json, or say which command makes it. A folder prepared by nanoGPT works too: its
+    meta.pkl (characters) is read as plain data; without one, its .bin files hold GPT-2 BPE ids as uint16."""
     path = os.path.join(data_dir, 'meta.json')
     name = os.path.basename(os.path.normpath(data_dir))
     if os.path.isfile(path):
@@ -192,10 +184,8 @@ def find_files(pattern):
     """The files of --input: a file, a folder (every .txt file in it, recursively) or a glob."""
     if os.path.isfile(pattern):
         return [pattern]
-    if os.path.isdir(pattern):
-        files = sorted(glob.glob(os.path.join(pattern, '**', '*.txt'), recursive=True))
-    else:
-        files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    found = glob.glob(os.path.join(pattern, '**', '*.txt') if os.path.isdir(pattern) else pattern, recursive=True)
+    files = sorted(f for f in found if os.path.isfile(f))
     if not files:
         raise DataError(f"--input '{pattern}' is no file, and no .txt files match it")
     return files
@@ -254,9 +244,9 @@ def hub_batches(repo, n=256):
     datasets.logging.set_verbosity_error()  # the error below says it in one line; no retry warnings
     need('huggingface_hub', 'huggingface_hub').utils.logging.set_verbosity_error()
     try:
-        rows = iter(datasets.load_dataset(repo, split='train', streaming=True, revision='refs/convert/parquet'))
-        while batch := [row['text'] for row in itertools.islice(rows, n)]:
-            yield batch
+        rows = datasets.load_dataset(repo, split='train', streaming=True, revision='refs/convert/parquet')
+        for batch in rows.iter(batch_size=n):
+            yield batch['text']
     except Exception as e:  # datasets raises many kinds: connection, HTTP, offline mode, ...
         raise DataError(f"cannot read {repo} from the hub at {HF_ENDPOINT} ({type(e).__name__}: {e}). Without "
                         f"access to it, put the text in .txt files and pass them with --input=FOLDER") from None
@@ -298,14 +288,11 @@ def task_texts(task):
 def _encode_task(task):
     """-> (split, ids, tokens per document, whether the last document ends here)"""
     docs, ends = task_texts(task)
-    eot = _worker['eot']
     arrays = [_worker['encode'](d) for d in docs]
+    if _worker['eot'] is not None:  # each document that ends here is followed by the end-of-text token
+        n_ends = len(arrays) - (not ends)
+        arrays[:n_ends] = [np.append(a, np.uint32(_worker['eot'])) for a in arrays[:n_ends]]
     lens = np.array([len(a) for a in arrays], dtype=np.int64)
-    if eot is not None:  # each document that ends here is followed by the end-of-text token
-        n_ends = len(arrays) if ends else len(arrays) - 1
-        lens[:n_ends] += 1
-        eot = np.array([eot], dtype=np.uint32)
-        arrays = [x for i, a in enumerate(arrays) for x in ((a, eot) if i < n_ends else (a,))]
     ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32)
     return task[0], ids.astype(_worker['dtype']), lens, ends  # uint16: half the bytes to send back
 
@@ -373,29 +360,25 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
         if not os.path.isfile(tokenizer):
             raise DataError(f"--tokenizer '{tokenizer}' is not char, gpt2, bpe, nor a tokenizer.json file or folder")
 
-    # the text: --input, the named dataset's files (downloaded when missing), or the hub
-    if input:
-        train_files, val_files = find_files(input), find_files(val_input) if val_input else []
-    elif 'files' in spec:
-        paths = [os.path.join(DATA_DIR, spec['folder'], f) for f in spec['files']]
-        for path, url in zip(paths, spec['files'].values()):
-            if not os.path.isfile(path):
-                download(url, path)
-        train_files, val_files = paths[:1], paths[1:]
-    elif 'hub' in spec:
-        train_files = val_files = None
+    # the text, as tasks that each name their split; 'auto' picks by document: every k-th one validates
+    k = max(2, round(1 / val_fraction))
+    if 'hub' in spec and not input:
         if tokenizer == 'char':
             raise DataError("--tokenizer=char needs the text on disk first: pass it with --input")
-    else:
-        raise DataError(f"unknown dataset '{name}' (known: {', '.join(sorted(DATASETS))}); "
-                        f"for your own text: python prepare.py {name} --input=PATH")
-
-    # the tasks, each with its split; 'auto' picks by document: every k-th one validates
-    k = max(2, round(1 / val_fraction))
-    if train_files is None:
         n_docs, n_bytes = None, 0
         tasks = lambda: (('auto', 'docs', batch) for batch in hub_batches(spec['hub']))
-    else:
+    else:  # files: --input, or the named dataset's (downloaded when missing)
+        if input:
+            train_files, val_files = find_files(input), find_files(val_input) if val_input else []
+        elif 'files' in spec:
+            paths = [os.path.join(DATA_DIR, spec.get('folder', name), f) for f in spec['files']]
+            for path, f in zip(paths, spec['files']):
+                if not os.path.isfile(path):
+                    download(spec['url'] + f, path)
+            train_files, val_files = paths[:1], paths[1:]
+        else:
+            raise DataError(f"unknown dataset '{name}' (known: {', '.join(sorted(DATASETS))}); "
+                            f"for your own text: python prepare.py {name} --input=PATH")
         n_bytes = sum(os.path.getsize(f) for f in train_files + val_files)
         if n_bytes == 0:
             raise DataError(f"the input has no text (it is empty): {', '.join(train_files + val_files)}")
@@ -418,9 +401,8 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     workers = workers or (cores if n_bytes == 0 or n_bytes > 8 * CHUNK_BYTES else 1)
 
-    # Everything is written under temporary names (.tmp) and renamed at the end, tokenizer.json
-    # included: an old dataset stays whole until the new one is complete. On any error, or
-    # Ctrl-C, the temporary files go, and so does a folder this run created.
+    # every file is written as .tmp and renamed at the end, so an old dataset stays whole until the new
+    # one is complete; on any error, or Ctrl-C, the .tmp files go, and so does a folder this run created
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tmp = {f: os.path.join(out_dir, f + '.tmp') for f in ('train.bin', 'val.bin', 'tokenizer.json', 'meta.json')}
@@ -469,17 +451,16 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
     if n_docs == 1:
         eot = None  # a single text has no document ends to learn (and keeps nanoGPT's token counts)
 
-    # uint16 holds ids up to 65,535: half the disk and memory of uint32; a larger vocabulary
-    # switches to uint32, so an id never wraps around silently
+    # uint16 holds ids up to 65,535 in half the bytes; a larger vocabulary takes uint32, never wrapping an id
     dtype = 'uint16' if vocab <= 2 ** 16 else 'uint32'
-    t0, counts, doc, bar, made_bar = time.time(), dict(train=0, val=0), 0, None, False
-    # the workers read the new tokenizer from its temporary name
+    t0, counts, doc, bar = time.time(), dict(train=0, val=0), 0, None
+    # the workers read a new tokenizer from its temporary name
     work_spec = dict(tok_spec, file='tokenizer.json.tmp') if tok_spec['type'] == 'tokenizers' else tok_spec
     with open(tmp['train.bin'], 'wb') as train_f, open(tmp['val.bin'], 'wb') as val_f:
         files = dict(train=train_f, val=val_f)
         try:
             init = (work_spec, out_dir, eot, separator, errors, dtype)
-            for split, ids, lens, ends in run_tasks(_encode_task, tasks(), workers, init):
+            for task_no, (split, ids, lens, ends) in enumerate(run_tasks(_encode_task, tasks(), workers, init)):
                 parts = {split: ids}
                 if split == 'auto':  # document number doc + i validates when (doc + i + 1) % k == 0
                     is_val = np.repeat((doc + np.arange(len(lens)) + 1) % k == 0, lens)
@@ -488,8 +469,8 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
                 for s, part in parts.items():
                     files[s].write(memoryview(part))
                     counts[s] += len(part)
-                if not made_bar:  # once there is progress to show (None without tqdm)
-                    bar, made_bar = progress_bar() if workers > 1 else None, True
+                if task_no == 0 and workers > 1:  # once there is progress to show (None without tqdm)
+                    bar = progress_bar()
                 if bar is not None:
                     bar.update(len(ids))
         finally:
