@@ -10,7 +10,7 @@ On 8 GPUs of one machine, or on 2 machines of 8 (see the README for multi-node l
 
 The defaults below train GPT-2 124M on OpenWebText. A config file and --key=value flags
 override them (configurator.py); python train.py --help lists them all. The script reads top
-to bottom: settings, setup, data, model, optimizer, checkpoints, then the training loop.
+to bottom: settings, setup, data, model, optimizer, the loop's helpers, then the training loop.
 """
 
 import contextlib
@@ -89,17 +89,10 @@ config = configurator.configure(globals())  # config files and --key=value flags
 
 # -----------------------------------------------------------------------------
 # setup: processes, device, precision, seeds
-# torchrun starts one process per GPU (or CPU worker) and tells each its RANK and WORLD_SIZE
-ddp = 'RANK' in os.environ
+ddp = 'RANK' in os.environ  # torchrun starts one process per GPU (or CPU worker) and tells each its RANK and WORLD_SIZE
 rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
 master = rank == 0  # the one process that logs and writes checkpoints
-
-
-def fail(message):
-    """One line from the master process (every process exits: they all found the same mistake)."""
-    configurator.fail(message) if master else sys.exit(1)
-
-
+fail = configurator.fail if master else (lambda message: sys.exit(1))  # the others found it too: they exit quietly
 log = print if master else (lambda *args, **kwargs: None)
 for name in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
     if config[name] < 1:
@@ -149,35 +142,32 @@ for split in ('train', 'val'):
         fail(f"{data_dir}/{split}.bin is missing: run 'python prepare.py {dataset}' again")
 if eval_sample:
     try:  # now, not at the first evaluation
-        load_tokenizer(meta, data_dir)[0](eval_sample)
+        encode, decode = load_tokenizer(meta, data_dir)
+        sample_ids = encode(eval_sample)
     except DataError as e:
         fail(f"eval_sample: {e}")
 
 
 def get_batch(split, stream):
-    """A batch of batch_size random windows of block_size + 1 tokens: inputs x and targets y
-    (x shifted by one). Which windows is a pure function of stream, a tuple of 4 ints, so the
-    same stream always gives the same batch (DESIGN.md, Determinism)."""
+    """A batch of batch_size random windows of block_size + 1 tokens: inputs x and targets y (x shifted by one).
+    Which windows is a pure function of stream, a tuple of 4 ints (DESIGN.md, Determinism)."""
     # a new memmap for every batch: one kept open keeps every page it has read mapped,
     # and the process grows with the file (see stackoverflow.com/questions/45132940)
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r')
     ix = np.random.default_rng(stream).integers(0, len(data) - block_size, size=batch_size)
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))  # (B, T)
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))  # (B, T)
-    if device_type == 'cuda':
-        # pinned host memory lets the copy to the GPU run asynchronously (non_blocking)
+    if device_type == 'cuda':  # pinned host memory lets the copy to the GPU run asynchronously (non_blocking)
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
 
 # -----------------------------------------------------------------------------
 # model
-iter_num = 0  # optimizer steps taken so far
-best_val_loss = float('inf')
-# GPUs run matmuls fastest on multiples of 64: GPT-2's 50257 tokens become 50304 (the extra rows
-# are never a target, so training pushes their logits down; sample.py never draws them). Below
-# 4096 tokens the matmul is too small for this to matter, so small vocabularies stay exact and
-# the first loss of a character model reads ln(65) = 4.17.
+iter_num, best_val_loss = 0, float('inf')  # optimizer steps taken so far; the lowest val loss yet
+# GPUs run matmuls fastest on multiples of 64: GPT-2's 50257 tokens become 50304 (the extra rows are never
+# a target, so training pushes their logits down; sample.py never draws them). Below 4096 tokens the matmul
+# is too small for this to matter: small vocabularies stay exact, a character model's first loss is ln(65) = 4.17.
 vocab_size = meta['vocab_size'] if meta['vocab_size'] < 4096 else 64 * math.ceil(meta['vocab_size'] / 64)
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                   vocab_size=vocab_size, bias=bias, dropout=dropout, flash=flash,
@@ -213,21 +203,18 @@ elif init_from == 'resume':
             fail(f"the checkpoint has {k} = {have}, the settings say {k} = {model_args[k]}: "
                  f"give the settings it was trained with (the same config file)")
     model_args = dict(saved, dropout=dropout, flash=flash)
-    block_size = model_args['block_size']
     if pretrained:
         config['init_from'] = origin  # where the weights came from, kept through resumes
     for k, v in checkpoint['config'].items():  # what may change is allowed, and said
         if k in config and k not in model_args and k not in ('init_from', 'device', 'dtype') and v != config[k]:
             log(f"  {k}: {v} in the checkpoint, now {config[k]}")
-    iter_num = checkpoint['iter_num']
-    best_val_loss = float(checkpoint['best_val_loss'])  # nanoGPT saved it as a tensor
+    iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])  # nanoGPT saved a tensor
     # dropout continues as if never stopped (a CPU tensor, whatever map_location did)
     if 'rng_state' in checkpoint:
         torch.set_rng_state(checkpoint['rng_state'].cpu())
     if device_type == 'cuda' and 'cuda_rng_state' in checkpoint:
         torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
-elif init_from.startswith('gpt2') or os.path.isdir(init_from):
-    # GPT-2's weights, by name from the Hugging Face hub or from a local folder in its layout
+elif init_from.startswith('gpt2') or os.path.isdir(init_from):  # GPT-2's weights: from the hub, or an HF folder
     if meta['tokenizer']['type'] != 'gpt2':
         fail(f"init_from={init_from} needs data in GPT-2's BPE, but data/{dataset} is tokenized as "
              f"'{meta['tokenizer']['type']}': prepare it with --tokenizer=gpt2")
@@ -238,13 +225,12 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from):
         fail(e)
     if block_size < model.config.block_size:
         model.crop_block_size(block_size)  # GPT-2 has 1024 positions; fewer train faster
-    block_size = model.config.block_size
     model_args = dataclasses.asdict(model.config)  # GPT-2's shape (vocab 50257, tanh GELU), for the checkpoint
 else:
     fail(f"init_from must be 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
          f"Hugging Face folder, not '{init_from}'")
 model.to(device)
-config['block_size'] = block_size  # the resolved value, as the checkpoint's config records it
+block_size = config['block_size'] = model.config.block_size  # resolved (a checkpoint's, GPT-2's), for the checkpoint
 log(f"{model.get_num_params() / 1e6:.2f}M parameters")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 log(f"device {device}, dtype {dtype}, {world} process(es); {tokens_per_iter:,} tokens per iteration "
@@ -260,15 +246,15 @@ if compile:
     log("compiling the model (a minute or so the first time)")
     model = torch.compile(model)
 if ddp and fsdp:
-    # FSDP2: each process keeps 1/world of every parameter; a Block's full weights are gathered
-    # just before it runs and freed after, so the model, its gradients and AdamW's two moments
-    # need not fit on one device
+    # FSDP2: each process keeps 1/world of every parameter; a Block's full weights are gathered just before
+    # it runs and freed after, so the model, its gradients and AdamW's two moments need not fit on one device
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
     for block in raw_model.transformer.h:
         fully_shard(block)
     fully_shard(raw_model)
-elif ddp:
-    # DDP: every process holds the whole model; gradients are averaged across processes
+elif ddp:  # DDP: every process holds the whole model; gradients are averaged across processes
     from torch.nn.parallel import DistributedDataParallel
     model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
@@ -276,79 +262,38 @@ elif ddp:
 # optimizer and gradient scaler
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 # float16's narrow range underflows small gradients: scale the loss up, unscale before the step.
-# bfloat16 has float32's range and needs no scaler; enabled=False makes it a no-op. Sharded
-# gradients need the FSDP version, which agrees on overflow across processes.
-if fsdp and ddp:
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    scaler = ShardedGradScaler(device_type, enabled=(dtype == 'float16'))
-else:
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-if checkpoint is not None:
-    if 'optimizer' in checkpoint:  # Adam's moments; its settings are today's
-        if ddp and fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            names = {p: n for n, p in raw_model.named_parameters()}  # the keys FSDP's loader wants
-            order = [names[p] for g in optimizer.param_groups for p in g['params']]
-            full = dict(state={order[i]: s for i, s in checkpoint['optimizer']['state'].items()},
-                        param_groups=[dict(g, params=[order[i] for i in g['params']])
-                                      for g in checkpoint['optimizer']['param_groups']])
-            set_optimizer_state_dict(raw_model, optimizer, full, options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(checkpoint['optimizer'])
-    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):
-        group.update(betas=(beta1, beta2), weight_decay=decay)
-    if scaler.is_enabled() and checkpoint.get('scaler'):  # float16 on both runs: keep the loss scale it found
-        scaler.load_state_dict(checkpoint['scaler'])
-checkpoint = None  # free the memory the loaded tensors hold
-
-peak, peak_name = peak_flops(device)
-log(f"MFU is measured against the {peak_name}")
-if wandb_log and master:
-    try:
-        import wandb
-    except ImportError:
-        fail("wandb_log=True needs wandb: pip install wandb")
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+# bfloat16 has float32's range and needs no scaler; enabled=False makes it a no-op.
+GradScaler = ShardedGradScaler if ddp and fsdp else torch.amp.GradScaler  # sharded: agrees on overflow across processes
+scaler = GradScaler(device_type, enabled=(dtype == 'float16'))
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
-def full_state():
-    """The model's and the optimizer's state as plain tensors (every process must call this under
-    FSDP: the shards are gathered to the master). The optimizer's is keyed by parameter number,
-    as torch.optim writes it, so any run (DDP, FSDP, one process, nanoGPT's) can read it."""
-    if not (ddp and fsdp):
-        return raw_model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    model_sd, optim_sd = get_state_dict(raw_model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not master:  # with cpu_offload the full state is gathered to the master only
-        return None, None
-    number = {n: i for i, n in enumerate(n for g in optim_sd['param_groups'] for n in g['params'])}
-    optim_sd = dict(state={number[n]: s for n, s in optim_sd['state'].items()},
-                    param_groups=[dict(g, params=[number[n] for n in g['params']]) for g in optim_sd['param_groups']])
-    return model_sd, optim_sd
+# helpers of the training loop: checkpoints, evaluation, the schedule, signals
+def rekey(optim_sd, key):
+    """optim_sd with each parameter k renamed key[k]: a checkpoint numbers them as torch.optim does, FSDP names them."""
+    return dict(state={key[k]: s for k, s in optim_sd['state'].items()},
+                param_groups=[dict(g, params=[key[k] for k in g['params']]) for g in optim_sd['param_groups']])
 
 
 def save_checkpoint(names):
-    model_sd, optim_sd = full_state()
-    if not master:
+    """Write the run's state as plain tensors to out_dir/name for each of names (under FSDP every process calls it)."""
+    if ddp and fsdp:
+        model_sd, optim_sd = get_state_dict(raw_model, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
+    if not master:  # FSDP gathered the shards to full tensors on the master only (cpu_offload)
         return
-    checkpoint = {
-        'model': model_sd,
-        'optimizer': optim_sd,
-        'scaler': scaler.state_dict(),
-        'model_args': model_args,
-        'iter_num': iter_num,
-        'best_val_loss': best_val_loss,
-        'config': config,
-        'rng_state': torch.get_rng_state(),
-    }
+    if ddp and fsdp:  # by number, as torch.optim keys it, so that any run (DDP, FSDP, one process, nanoGPT's) reads it
+        name_to_number = {n: i for i, n in enumerate(n for g in optim_sd['param_groups'] for n in g['params'])}
+        optim_sd = rekey(optim_sd, name_to_number)
+    checkpoint = dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), model_args=model_args,
+                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng_state=torch.get_rng_state())
     if device_type == 'cuda':
         checkpoint['cuda_rng_state'] = torch.cuda.get_rng_state()
     for name in names:
-        # write a temporary file, push it to the disk, then rename it over the old one: at every
-        # moment the folder holds a whole checkpoint, even if the machine dies mid-write
+        # write a temporary file, push it to the disk, rename it over the old one: whenever the machine dies,
+        # the folder holds a whole checkpoint
         path = os.path.join(out_dir, name)
         with open(path + '.tmp', 'wb') as f:
             torch.save(checkpoint, f)
@@ -358,41 +303,6 @@ def save_checkpoint(names):
     log(f"saved {', '.join(names)} at iteration {iter_num}")
 
 
-# the log as data: out_dir/log.jsonl gets every log and evaluation line (plot.py draws them)
-run_log = RunLog(out_dir, resume_at=iter_num if init_from == 'resume' else 0, plot=plot) if master else None
-
-
-def show_sample():
-    """Print the model's continuation of eval_sample; the random state is put back afterwards,
-    so watching does not change the run (dropout draws the same numbers as without it)."""
-    encode, decode = load_tokenizer(meta, data_dir)
-    x = torch.tensor([encode(eval_sample)], dtype=torch.long, device=device)
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), torch.no_grad(), ctx:
-        y = raw_model.generate(x, eval_sample_tokens, temperature=eval_sample_temperature, top_k=200,
-                               vocab_size=meta['vocab_size'])
-    model.train()
-    log(f"sample: {decode(y[0].tolist())!r}")
-
-
-# SIGTERM (a cluster preempting the job, `kill`) and SIGINT (Ctrl-C) end the run after the
-# current step, with a checkpoint to resume from
-stop_signal = None
-
-
-def on_signal(signum, frame):
-    global stop_signal
-    if stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
-        raise KeyboardInterrupt
-    stop_signal = signal.Signals(signum).name
-    log(f"{stop_signal}: stopping after this step, with a checkpoint")
-
-
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
-
-
-# -----------------------------------------------------------------------------
 @torch.no_grad()
 def estimate_loss():
     """Mean loss on each split over the same eval_iters batches every time, in every run,
@@ -427,16 +337,43 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def grad_sync(enabled):
-    """Under DDP or FSDP, average the gradients across processes in this backward pass or not:
-    only the last micro-step needs it, the others just add up locally."""
-    if ddp and fsdp:
-        raw_model.set_requires_gradient_sync(enabled)
-    return model.no_sync() if ddp and not fsdp and not enabled else contextlib.nullcontext()
+def on_signal(signum, frame):
+    """SIGTERM (a cluster preempting the job, `kill`) and SIGINT (Ctrl-C): stop after this step, with a checkpoint."""
+    global stop_signal
+    if stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
+        raise KeyboardInterrupt
+    stop_signal = signal.Signals(signum).name
+    log(f"{stop_signal}: stopping after this step, with a checkpoint")
 
 
 # -----------------------------------------------------------------------------
-# training loop
+# training loop: a resumed run's optimizer state, the run's logs, then the steps
+if checkpoint is not None:  # Adam's moments; its settings are today's
+    if 'optimizer' in checkpoint and ddp and fsdp:
+        names = {p: n for n, p in raw_model.named_parameters()}
+        number_to_name = [names[p] for g in optimizer.param_groups for p in g['params']]
+        set_optimizer_state_dict(raw_model, optimizer, rekey(checkpoint['optimizer'], number_to_name),
+                                 options=StateDictOptions(full_state_dict=True))
+    elif 'optimizer' in checkpoint:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):
+        group.update(betas=(beta1, beta2), weight_decay=decay)
+    if scaler.is_enabled() and checkpoint.get('scaler'):  # float16 on both runs: keep the loss scale it found
+        scaler.load_state_dict(checkpoint['scaler'])
+checkpoint = None  # free the memory the loaded tensors hold
+peak, peak_name = peak_flops(device)
+log(f"MFU is measured against the {peak_name}")
+if wandb_log and master:
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs wandb: pip install wandb")
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+run_log = RunLog(out_dir, resume_at=iter_num if init_from == 'resume' else 0, plot=plot) if master else None
+record = run_log.record if master else (lambda **fields: None)  # a line of out_dir/log.jsonl (plot.py draws it)
+stop_signal = None  # 'SIGTERM' or 'SIGINT' once one asks the run to stop (on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
 t0 = time.perf_counter()
 while True:
     lr = get_lr(iter_num)
@@ -453,11 +390,16 @@ while True:
         best_val_loss = min(best_val_loss, losses['val'])
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
             f" (best {best_val_loss:.4f})")
-        if master:
-            run_log.record(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'],
-                           val_loss=losses['val'], plot=True)
-        if eval_sample:
-            show_sample()
+        record(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'], val_loss=losses['val'],
+               plot=True)
+        if eval_sample:  # the random state is put back afterwards, so watching does not change the run
+            x = torch.tensor([sample_ids], dtype=torch.long, device=device)  # (1, T)
+            model.eval()
+            with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), torch.no_grad(), ctx:
+                y = raw_model.generate(x, eval_sample_tokens, temperature=eval_sample_temperature, top_k=200,
+                                       vocab_size=meta['vocab_size'])
+            model.train()
+            log(f"sample: {decode(y[0].tolist())!r}")
         if wandb_log and master:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
         if iter_num > 0 and not eval_only:  # last.pt at every save, so that it is always the latest
@@ -473,14 +415,16 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(micro_steps):
         X, Y = get_batch('train', (seed, 0, iter_num, rank * micro_steps + micro_step))
-        with grad_sync(micro_step == micro_steps - 1):
+        last = micro_step == micro_steps - 1  # under DDP or FSDP, the gradients are averaged in the last backward only
+        if ddp and fsdp:
+            raw_model.set_requires_gradient_sync(last)
+        with model.no_sync() if ddp and not fsdp and not last else contextlib.nullcontext():
             with ctx:
                 _, loss = model(X, Y)
                 loss = loss / micro_steps  # summed over micro-steps: the mean over this process's batch
             scaler.scale(loss).backward()  # gradients add up across micro-steps, and across processes at the last
         loss_sum += loss.detach()
-    # one small exchange per step: every process learns the mean loss and whether any was
-    # signalled, so they all stop at the same step
+    # one small exchange per step: the mean loss, and whether any process was signalled (all stop at the same step)
     flags = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
     if ddp:
         dist.all_reduce(flags)
@@ -501,8 +445,7 @@ while True:
         mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak * world)
         log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.4e}, {dt * 1000:.1f} ms, "
             f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.3g}%")
-        if master:
-            run_log.record(iter=iter_num, tokens=(iter_num + 1) * tokens_per_iter, lr=lr, loss=lossf, ms=dt * 1000)
+        record(iter=iter_num, tokens=(iter_num + 1) * tokens_per_iter, lr=lr, loss=lossf, ms=dt * 1000)
     iter_num += 1
     t0 = time.perf_counter()
     if flags[1].item() > 0:  # a signal: save, then say how to go on
