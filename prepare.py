@@ -172,9 +172,11 @@ def download(url, path):
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(path + '.tmp', 'wb') as f:
             shutil.copyfileobj(r, f, 1 << 20)
-    except OSError as e:
+    except BaseException as e:  # a failure, or Ctrl-C: no partial file is left
         if os.path.exists(path + '.tmp'):
             os.remove(path + '.tmp')
+        if not isinstance(e, OSError):
+            raise
         raise DataError(f"cannot download {url} ({getattr(e, 'reason', e)}). Without access to it, put the file "
                         f"at {path} yourself, or pass its path with --input (and --val_input)") from None
     os.replace(path + '.tmp', path)
@@ -351,7 +353,7 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
     spec = DATASETS.get(name, {})
     separator = separator if separator is not None else spec.get('separator')
     tokenizer = tokenizer or spec.get('tokenizer', 'gpt2')
-    val_fraction = val_fraction or spec.get('val_fraction', 0.1)
+    val_fraction = spec.get('val_fraction', 0.1) if val_fraction is None else val_fraction
     out_dir = os.path.join(DATA_DIR, name)
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1, not {val_fraction}")

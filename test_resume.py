@@ -133,6 +133,14 @@ def test_non_finite_loss_stops_without_saving(repo):
             '--grad_clip=0.0', '--warmup_iters=0', '--init_from=resume', '--out_dir=out-nan', ok=False)
     assert_one_line_error(p, 'at iteration', 'stopping')
     assert {name: sha256(repo / 'out-nan' / name) for name in before} == before
+    # with a checkpoint due at every iteration: the weights the huge step made (~1e30, whose loss is not
+    # finite) never reach the disk, so the run resumes with a sane learning rate
+    p = run(repo, 'train.py', *TINY, '--max_iters=40', '--eval_interval=4', '--learning_rate=1e30', '--grad_clip=0.0',
+            '--warmup_iters=0', '--checkpoint_interval=1', '--init_from=resume', '--out_dir=out-nan', ok=False)
+    assert_one_line_error(p, 'at iteration', 'stopping')
+    last = torch.load(repo / 'out-nan' / 'last.pt', weights_only=True)
+    assert last['iter_num'] == 2 and max(v.abs().max().item() for v in last['model'].values()) < 100
+    run(repo, 'train.py', *TINY, '--max_iters=4', '--eval_interval=4', '--init_from=resume', '--out_dir=out-nan')
 
 
 @pytest.mark.parametrize('mode', ['ddp', 'fsdp'])

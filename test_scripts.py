@@ -249,6 +249,7 @@ def test_eval_only_and_checkpoint_keys(repo):
     ('train.py', [*TINY, '--compile=maybe'], ["compile must be 'auto', True or False", 'maybe']),
     ('sample.py', ['--out_dir=out-none'], ['no checkpoint', 'out-none']),
     ('prepare.py', ['nope'], ['nope', 'shakespeare_char']),
+    ('prepare.py', ['shakespeare_char', '--val_fraction=0'], ['--val_fraction', 'between 0 and 1', '0.0']),
 ])
 def test_bad_input_gets_one_line(repo, script, args, fragments):
     if script == 'train.py' and '--device=cuda' in args and torch.cuda.is_available():

@@ -288,9 +288,9 @@ def save_checkpoint(names):
         name_to_number = {n: i for i, n in enumerate(n for g in optim_sd['param_groups'] for n in g['params'])}
         optim_sd = rekey(optim_sd, name_to_number)
     checkpoint = dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), model_args=model_args,
-                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng_state=torch.get_rng_state())
+                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng_state=rng_state[0])
     if device_type == 'cuda':
-        checkpoint['cuda_rng_state'] = torch.cuda.get_rng_state()
+        checkpoint['cuda_rng_state'] = rng_state[1]
     for name in names:
         # write a temporary file, push it to the disk, rename it over the old one: whenever the machine dies,
         # the folder holds a whole checkpoint
@@ -343,7 +343,7 @@ def on_signal(signum, frame):
     if stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
         raise KeyboardInterrupt
     stop_signal = signal.Signals(signum).name
-    log(f"{stop_signal}: stopping after this step, with a checkpoint")
+    log(f"{stop_signal}: stopping at this step, with a checkpoint")
 
 
 # -----------------------------------------------------------------------------
@@ -376,6 +376,9 @@ signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
 t0 = time.perf_counter()
 while True:
+    # the random state this iteration starts from (dropout draws from it): what a checkpoint saved during the
+    # iteration holds, so that a resumed run redoes the iteration exactly
+    rng_state = torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == 'cuda' else None
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -405,8 +408,6 @@ while True:
         if iter_num > 0 and not eval_only:  # last.pt at every save, so that it is always the latest
             save_checkpoint(['last.pt'] + (['ckpt.pt'] if improved or always_save_checkpoint else []))
         t0 = time.perf_counter()  # evaluation time is not training time
-    elif checkpoint_interval and iter_num % checkpoint_interval == 0 and iter_num > 0:
-        save_checkpoint(['last.pt'])
     if iter_num >= max_iters or eval_only:
         break
 
@@ -433,6 +434,15 @@ while True:
         what = f" (float16: the GradScaler's scale was {scaler.get_scale():g})" if scaler.is_enabled() else ""
         fail(f"loss is {lossf} at iteration {iter_num}{what}: stopping without saving; the checkpoints on "
              f"disk are from before (lower learning_rate, or use bfloat16 instead of float16)")
+    # these weights have just given a finite loss: save them now if a checkpoint is due, or a signal asks to
+    # stop (then before their update, which the resumed run makes): no weights reach the disk unchecked
+    signalled = flags[1].item() > 0
+    if signalled or (checkpoint_interval and iter_num % checkpoint_interval == 0 and iter_num % eval_interval):
+        save_checkpoint(['last.pt'])
+    if signalled:
+        log(f"stopped by {stop_signal or 'a signal to another process'} at iteration {iter_num}; "
+            f"to continue: the same command with --init_from=resume")
+        break
     if grad_clip > 0.0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -448,11 +458,6 @@ while True:
         record(iter=iter_num, tokens=(iter_num + 1) * tokens_per_iter, lr=lr, loss=lossf, ms=dt * 1000)
     iter_num += 1
     t0 = time.perf_counter()
-    if flags[1].item() > 0:  # a signal: save, then say how to go on
-        save_checkpoint(['last.pt'])
-        log(f"stopped by {stop_signal or 'a signal to another process'} after iteration {iter_num - 1}; "
-            f"to continue: the same command with --init_from=resume")
-        break
 
 if ddp:
     dist.destroy_process_group()
