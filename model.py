@@ -72,10 +72,22 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * gain, without LayerNorm's mean and bias; as good and
+    cheaper (Llama's choice). Computed in float32 and returned in x's dtype: under bf16 autocast x arrives
+    in bf16, and PyTorch's fused kernel wants x and the gain in one dtype (else a warning and a slow path)."""
+
+    def __init__(self, ndim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))  # the gain
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.weight.shape, self.weight, 1e-5).type_as(x)
+
+
 def make_norm(config):
-    """GPT-2's LayerNorm, or RMSNorm (Zhang & Sennrich 2019): x / rms(x) * gain, without the mean and the
-    bias, as good and cheaper (Llama's choice). nn.RMSNorm's weight is its gain, initialised to ones."""
-    return nn.RMSNorm(config.n_embd, eps=1e-5) if config.rmsnorm else LayerNorm(config.n_embd, bias=config.bias)
+    """GPT-2's LayerNorm, or RMSNorm."""
+    return RMSNorm(config.n_embd) if config.rmsnorm else LayerNorm(config.n_embd, bias=config.bias)
 
 
 def rotary(pos, hs, theta=10000.0):
@@ -110,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         # attention logits bounded, so training stays stable at high learning rates (RMSNorm over each head)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
-            self.q_norm, self.k_norm = nn.RMSNorm(hs, eps=1e-5), nn.RMSNorm(hs, eps=1e-5)
+            self.q_norm, self.k_norm = RMSNorm(hs), RMSNorm(hs)
         # output projection back into the residual stream
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
