@@ -115,9 +115,9 @@ def comments_of(script_path):
                        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
                        if tok.type == tokenize.COMMENT}
     comments = {}
-    for node in ast.parse(source).body:
+    for node in ast.parse(source).body:  # the first assignment of a name: the settings block comes first
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            comments.setdefault(node.targets[0].id, comment_at_line.get(node.lineno, ''))  # the defaults' block comes first
+            comments.setdefault(node.targets[0].id, comment_at_line.get(node.lineno, ''))
     return comments
 
 
