@@ -64,8 +64,9 @@ repeats = 3  # sample: runs per way, interleaved
 # -----------------------------------------------------------------------------
 configurator.configure(globals())
 
-# the shapes of config/train_shakespeare_char_cpu.py (nanoGPT's README command for CPUs) and of
-# config/train_shakespeare_char.py at batch 16 (its 64 would make a CPU step take seconds)
+# the shapes of nanoGPT's README command for CPUs (where config/train_shakespeare_char_cpu.py started;
+# it trains at batch 16) and of config/train_shakespeare_char.py at batch 16 (its 64 would make a CPU
+# step take seconds)
 SHAPES = {
     'cpu': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0),
     'baby': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16, dropout=0.2),
