@@ -258,7 +258,7 @@ def bench_sample(s):
 
     print(f"generate(), shape '{s['name']}': {s['n_layer']} layers x {s['n_head']} heads x {s['n_embd']}, "
           f"block_size {T}, batch 1, one-token prompt; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'new tokens':<28} {'way':<12} {'tokens/s':>9} {'vs plain':>9} {'same tokens as plain':>21}")
+    print(f"{'new tokens':<28} {'way':<12} {'tokens/s':>9} {'vs first':>9} {'same tokens as first':>21}")
     for n, label in lengths:
         base = statistics.median(times[n, names[0]])
         for w in names:

@@ -82,7 +82,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(ndim))  # the gain
 
     def forward(self, x):
-        return F.rms_norm(x.float(), self.weight.shape, self.weight, 1e-5).type_as(x)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), 1e-5).type_as(x)
 
 
 def make_norm(config):

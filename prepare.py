@@ -22,6 +22,7 @@ import base64
 import collections
 import glob
 import hashlib
+import http.client
 import json
 import os
 import pickle
@@ -175,7 +176,7 @@ def download(url, path):
     except BaseException as e:  # a failure, or Ctrl-C: no partial file is left
         if os.path.exists(path + '.tmp'):
             os.remove(path + '.tmp')
-        if not isinstance(e, OSError):
+        if not isinstance(e, (OSError, http.client.HTTPException)):  # HTTPException: a connection cut mid-file
             raise
         raise DataError(f"cannot download {url} ({getattr(e, 'reason', e)}). Without access to it, put the file "
                         f"at {path} yourself, or pass its path with --input (and --val_input)") from None

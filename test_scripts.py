@@ -221,10 +221,11 @@ def test_bfloat16_on_the_cpu_learns_like_float32(repo):
 
 def test_eval_only_and_checkpoint_keys(repo):
     """eval_only evaluates and writes nothing; a checkpoint keeps the keys nanoGPT's scripts read."""
-    run(repo, 'train.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out-keys')
+    run(repo, 'train.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out-keys', '--compile=false')
     ckpt = torch.load(repo / 'out-keys' / 'ckpt.pt', weights_only=True)
     assert {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'} <= ckpt.keys()
     assert ckpt['config']['device'] == 'cpu' and ckpt['config']['n_embd'] == 16
+    assert ckpt['config']['compile'] is False  # resolved: 'auto', True, False, in either case
     before = sha256(repo / 'out-keys' / 'ckpt.pt')
     p = run(repo, 'train.py', *TINY, '--eval_only=True', '--init_from=resume', '--out_dir=out-keys')
     val = float(re.search(r"val loss ([0-9.]+)", p.stdout).group(1))

@@ -81,7 +81,7 @@ min_lr = 6e-5  # floor of the schedule; ~learning_rate / 10 (Chinchilla)
 # system
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps' (under torchrun: each process its own GPU)
 dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16' (float16 uses a GradScaler)
-compile = 'auto'  # torch.compile the model: 'auto' (on CUDA only; on a CPU 0.97-1.04x, after 25-50 s) | True | False
+compile = 'auto'  # torch.compile the model: 'auto' (on CUDA only; on a CPU 1.01-1.06x, after 7-50 s) | True | False
 fsdp = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of copying them (DDP)
 seed = 1337  # seeds the initialisation, dropout and the order of batches
 # -----------------------------------------------------------------------------
@@ -110,9 +110,9 @@ try:
     dtype = pick_dtype(dtype, device)
 except ValueError as e:
     fail(e)
-if compile not in ('auto', 'True', 'False'):
+if compile.lower() not in ('auto', 'true', 'false'):
     fail(f"compile must be 'auto', True or False, not '{compile}'")
-compile = device.startswith('cuda') if compile == 'auto' else compile == 'True'
+compile = device.startswith('cuda') if compile.lower() == 'auto' else compile.lower() == 'true'
 if ddp and device.startswith('cuda'):
     device = f'cuda:{local_rank}'  # one GPU per process
     torch.cuda.set_device(device)
@@ -338,7 +338,7 @@ def get_lr(it):
 
 
 def on_signal(signum, frame):
-    """SIGTERM (a cluster preempting the job, `kill`) and SIGINT (Ctrl-C): stop after this step, with a checkpoint."""
+    """SIGTERM (a cluster preempting the job, `kill`) and SIGINT (Ctrl-C): stop at this step, with a checkpoint."""
     global stop_signal
     if stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
         raise KeyboardInterrupt
@@ -349,15 +349,17 @@ def on_signal(signum, frame):
 # -----------------------------------------------------------------------------
 # training loop: a resumed run's optimizer state, the run's logs, then the steps
 if checkpoint is not None:  # Adam's moments; its settings are today's
-    if 'optimizer' in checkpoint and ddp and fsdp:
+    if not checkpoint.get('optimizer', {}).get('state'):  # none, or saved before the first update: keep the fresh one
+        pass
+    elif ddp and fsdp:
         names = {p: n for n, p in raw_model.named_parameters()}
         number_to_name = [names[p] for g in optimizer.param_groups for p in g['params']]
         set_optimizer_state_dict(raw_model, optimizer, rekey(checkpoint['optimizer'], number_to_name),
                                  options=StateDictOptions(full_state_dict=True))
-    elif 'optimizer' in checkpoint:
+    else:
         optimizer.load_state_dict(checkpoint['optimizer'])
-    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):
-        group.update(betas=(beta1, beta2), weight_decay=decay)
+    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # the kernel too: this machine's choice
+        group.update(betas=(beta1, beta2), weight_decay=decay, fused=optimizer.defaults.get('fused'))
     if scaler.is_enabled() and checkpoint.get('scaler'):  # float16 on both runs: keep the loss scale it found
         scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free the memory the loaded tensors hold
@@ -460,4 +462,5 @@ while True:
     t0 = time.perf_counter()
 
 if ddp:
+    dist.barrier()  # leave together: the master may still be writing a checkpoint while the others are done
     dist.destroy_process_group()

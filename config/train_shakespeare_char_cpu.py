@@ -8,7 +8,7 @@
 # --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0", val ~1.88;
 # 1.896 in this repository). What was tuned, each measured here (best val loss, seed 1337):
 #   precision: bf16 autocast (dtype 'auto' on CPUs with native bf16) with the written-out attention
-#     (flash=False; PyTorch's CPU bf16 flash backward is slow): ~1.4x float32's steps/s (bench.py)
+#     (flash=False; PyTorch's CPU bf16 flash backward is slow), fused AdamW: 1.6x float32's steps/s (bench.py)
 #   learning rate, 2,000 steps: 1e-3 -> 1.896, 2e-3 -> 1.800, 3e-3 -> 1.769, 5e-3 -> 1.760
 #   fewer steps, 1,000: 3e-3 -> 1.925, 5e-3 -> 1.921; with rope, rmsnorm and qk_norm (no biases) -> 1.852
 #   then batch 16 and 8e-3 (qk_norm keeps the higher rate stable): 700 steps -> 1.871, 750 -> 1.846
