@@ -17,17 +17,8 @@ import torch
 
 import model as M
 from model import GPT, GPTConfig
+from test_model import one_thread  # noqa: F401 (an autouse fixture: one torch thread in this module too)
 from test_scripts import TINY as TINY_FLAGS, assert_one_line_error, repo, run  # noqa: F401 (repo is a fixture)
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine the idle-waiting
-    of a second intra-op thread makes them ~100x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65, dropout=0.0)  # head size 8
