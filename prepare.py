@@ -431,6 +431,17 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
     return meta
 
 
+def training_texts(tasks, k):
+    """The documents of tasks that train, for a new tokenizer: not the val split's, nor the documents
+    an 'auto' task gives it (numbered as encode_and_write numbers them)."""
+    doc = 0
+    for task in tasks:
+        if task[0] != 'val':
+            texts, ends = task_texts(task)
+            yield from (t for i, t in enumerate(texts) if task[0] == 'train' or (doc + i + 1) % k)
+            doc += (len(texts) - (not ends)) if task[0] == 'auto' else 0
+
+
 def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, separator, errors, out_dir, tmp):
     """Make the tokenizer, encode every task and write train.bin, val.bin and meta.json (as .tmp files)."""
     init = (None, out_dir, None, separator, errors)  # _init_worker's arguments, without a tokenizer yet
@@ -444,8 +455,7 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
         if tokenizer == 'bpe':
             print(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens")
             _init_worker(*init)
-            texts = (text for task in tasks() if task[0] != 'val' for text in task_texts(task)[0])
-            tok = train_bpe(texts, vocab_size, tmp['tokenizer.json'])
+            tok = train_bpe(training_texts(tasks(), k), vocab_size, tmp['tokenizer.json'])
         else:
             tok = need('tokenizers', 'tokenizers').Tokenizer.from_file(tokenizer)
             tok.save(tmp['tokenizer.json'])

@@ -160,18 +160,23 @@ def test_chinese_characters_train_and_sample(repo, tmp_path):
 
 
 def test_new_bpe_tokenizer_on_a_folder(repo, tmp_path):
-    """A byte-level BPE trained on a folder of documents: saved beside the data, ids equal to the
-    tokenizer applied to each document, one document in ten validates; sample.py decodes it."""
+    """A byte-level BPE trained on a folder of documents (the training ones only): saved beside the
+    data, ids equal to the tokenizer applied to each document, one document in ten validates;
+    sample.py decodes it."""
     docs = stories(40, 5)
     (tmp_path / 'books' / 'more').mkdir(parents=True)
     for i, d in enumerate(docs):
         (tmp_path / 'books' / ('more' if i % 2 else '') / f'{i:03d}.txt').write_text(d, encoding='utf-8')
+    for j, path in enumerate(sorted((tmp_path / 'books').rglob('*.txt'))):  # in the order prepare.py reads them
+        if (j + 1) % 10 == 0:  # a validation document: give it a word no training document has
+            path.write_text(path.read_text(encoding='utf-8') + ' Zyxwvut' * 30, encoding='utf-8')
     run(repo, 'prepare.py', 'books', f'--input={tmp_path / "books"}', '--tokenizer=bpe', '--vocab_size=400')
     meta, ids = read(repo, 'books')
     tok = tokenizers.Tokenizer.from_file(str(repo / 'data' / 'books' / 'tokenizer.json'))
     eot = tok.token_to_id('<|endoftext|>')
     assert meta['tokenizer'] == {'type': 'tokenizers', 'file': 'tokenizer.json'} and meta['eot_id'] == eot
     assert meta['vocab_size'] == tok.get_vocab_size() <= 400
+    assert not any('xwv' in token for token in tok.get_vocab())  # the tokenizer learnt from train documents only
     files = sorted(str(p) for p in (tmp_path / 'books').rglob('*.txt'))  # the order prepare.py reads them
     texts = [open(f, encoding='utf-8').read() for f in files]
     enc = lambda ds: [i for d in ds for i in tok.encode(d, add_special_tokens=False).ids + [eot]]
