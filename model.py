@@ -156,7 +156,9 @@ class CausalSelfAttention(nn.Module):
             v = v.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nkv, Tk, hs) -> (B, nh, Tk, hs)
 
         if self.flash:
-            # one fused kernel (FlashAttention on recent GPUs); never materialises the T x T scores
+            # one fused kernel (FlashAttention on recent GPUs); never materialises the T x T scores.
+            # On the CPU under bfloat16 autocast its backward is 5x slower than in float32 (torch 2.13,
+            # 7.3 vs 1.4 ms a call at 4 x 128, block 64): there flash=False trains faster (bench.py)
             if Tk == T:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True,
                                                    dropout_p=self.dropout if self.training else 0.0)
@@ -182,9 +184,9 @@ class KVCache:
     """The keys and values one attention layer has computed for the tokens generated so far.
     A new token then needs one position's forward plus attention over these, instead of a
     forward over the whole context (GPT.generate). The tensors grow by torch.cat: no batch size,
-    dtype (bfloat16 under autocast) or device to know in advance. The copy is ~15% of a baby-GPT
-    step's CPU time in torch.profiler, yet a preallocated block_size buffer written in place, with
-    a fill index to track, measured no faster end to end (144 vs 148 tokens/s, 2 CPU cores)."""
+    dtype (bfloat16 under autocast) or device to know in advance. The copy is 5-17% of a baby-GPT
+    step in torch.profiler (2 or 1 threads), yet a preallocated block_size buffer written in place,
+    with a fill index to track, measured no faster end to end (144 vs 148 tokens/s, one thread)."""
 
     def __init__(self):
         self.k = None  # (B, nh, tokens so far, hs); nh is n_kv_head with grouped-query attention
