@@ -110,9 +110,10 @@ try:
     dtype = pick_dtype(dtype, device)
 except ValueError as e:
     fail(e)
-if compile.lower() not in ('auto', 'true', 'false'):
+compile_choice = {'auto': device.startswith('cuda'), 'true': True, 'false': False}.get(compile.lower())
+if compile_choice is None:
     fail(f"compile must be 'auto', True or False, not '{compile}'")
-compile = device.startswith('cuda') if compile.lower() == 'auto' else compile.lower() == 'true'
+compile = compile_choice
 if ddp and device.startswith('cuda'):
     device = f'cuda:{local_rank}'  # one GPU per process
     torch.cuda.set_device(device)
@@ -349,20 +350,19 @@ def on_signal(signum, frame):
 # -----------------------------------------------------------------------------
 # training loop: a resumed run's optimizer state, the run's logs, then the steps
 if checkpoint is not None:  # Adam's moments; its settings are today's
-    if not checkpoint.get('optimizer', {}).get('state'):  # none, or saved before the first update: keep the fresh one
-        pass
-    elif ddp and fsdp:
+    optim_sd = checkpoint.get('optimizer') or {}  # none, or no state (saved before the first update): the fresh one
+    if optim_sd.get('state') and ddp and fsdp:
         names = {p: n for n, p in raw_model.named_parameters()}
         number_to_name = [names[p] for g in optimizer.param_groups for p in g['params']]
-        set_optimizer_state_dict(raw_model, optimizer, rekey(checkpoint['optimizer'], number_to_name),
+        set_optimizer_state_dict(raw_model, optimizer, rekey(optim_sd, number_to_name),
                                  options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+    elif optim_sd.get('state'):
+        optimizer.load_state_dict(optim_sd)
     for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # the kernel too: this machine's choice
         group.update(betas=(beta1, beta2), weight_decay=decay, fused=optimizer.defaults.get('fused'))
     if scaler.is_enabled() and checkpoint.get('scaler'):  # float16 on both runs: keep the loss scale it found
         scaler.load_state_dict(checkpoint['scaler'])
-checkpoint = None  # free the memory the loaded tensors hold
+checkpoint = optim_sd = None  # free the memory the loaded tensors hold
 peak, peak_name = peak_flops(device)
 log(f"MFU is measured against the {peak_name}")
 if wandb_log and master:
