@@ -37,13 +37,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 
 import configurator
+from checkpoint import autocast_context
 from model import GPT, GPTConfig
-from prepare import DATA_DIR, gpt2_encoding
+from tokenizer import DATA_DIR, gpt2_encoding
 
 # -----------------------------------------------------------------------------
 mode = 'prepare'  # 'prepare' | 'train' | 'sample'
@@ -185,7 +185,7 @@ def bench_train(s):
         groups = [{'params': g['params'], 'weight_decay': g['weight_decay']}
                   for g in model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu').param_groups]
         opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused='fused' in opts, foreach=False)
-        ctx = torch.autocast('cpu', dtype=torch.bfloat16) if 'bf16' in opts else nullcontext()
+        ctx = autocast_context('cpu', 'bfloat16' if 'bf16' in opts else 'float32')
         fwd = torch.compile(model) if 'compile' in opts else model
         runs[name] = dict(model=model, fwd=fwd, opt=opt, ctx=ctx, opts=opts, times=[], losses=[])
 
@@ -250,7 +250,7 @@ def bench_sample(s):
     for _ in range(repeats):
         for n, w in times:
             torch.manual_seed(seed)
-            ctx = torch.autocast('cpu', dtype=torch.bfloat16) if 'bf16' in w else nullcontext()
+            ctx = autocast_context('cpu', 'bfloat16' if 'bf16' in w else 'float32')
             t0 = time.perf_counter()
             with ctx:  # for the whole call, as sample.py does
                 outs[n, w] = model.generate(idx, n, temperature=0.8, top_k=200, use_cache='cache' in w)

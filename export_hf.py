@@ -1,8 +1,6 @@
 """
-GPT-2 in the Hugging Face layout, both ways. GPT.from_pretrained (model.py) reads a folder in it
-(OpenAI's GPT-2 from the hub, or any local one) with download_gpt2, read_config and read_weights
-below. Run as a script, this file writes a checkpoint of train.py as such a folder, which
-transformers (and the tools built on it) load as it loads OpenAI's GPT-2:
+Writes a checkpoint of train.py as a Hugging Face GPT-2 folder, which transformers (and the tools
+built on it) load as they load OpenAI's GPT-2 (checkpoint.py reads such folders: from_pretrained):
 
     python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-model
     python -c "from transformers import pipeline; print(pipeline('text-generation', 'hf-model')('ROMEO:'))"
@@ -10,22 +8,17 @@ transformers (and the tools built on it) load as it loads OpenAI's GPT-2:
 The folder holds config.json, model.safetensors and the tokenizer: for GPT-2 BPE data vocab.json,
 merges.txt and tokenizer.json, derived from data/gpt2.tiktoken; for data with its own tokenizer.json,
 a copy of it; for a character vocabulary nothing (it has no Hugging Face form). Only bias=True
-models have GPT-2's layout. It differs from model.py's in two ways: names may lack the
-'transformer.' prefix, and c_attn, c_proj and c_fc store their weights transposed, (in, out),
-because OpenAI's code multiplied by them through a "Conv1D" layer rather than nn.Linear.
+models without architecture switches have GPT-2's layout (checkpoint.py says how it differs from ours).
 """
 
-import glob
 import json
 import os
 import shutil
 
-import torch
-
 import configurator
+from checkpoint import HF_CONV1D, find_checkpoint, load_model
 from configurator import fail
-from model import load_checkpoint
-from prepare import DATA_DIR, EOT_NAMES, GPT2_EOT, DataError, gpt2_encoding, load_meta, need
+from tokenizer import DATA_DIR, GPT2_EOT, DataError, eot_of, gpt2_encoding, need
 
 # -----------------------------------------------------------------------------
 # settings
@@ -33,99 +26,6 @@ out_dir = 'out'  # the folder holding train.py's ckpt.pt
 hf_dir = 'out-hf'  # the Hugging Face folder to write
 overwrite = False  # replace hf_dir if it holds an earlier export (a config.json)
 # -----------------------------------------------------------------------------
-
-
-# reading: GPT.from_pretrained (model.py)
-
-# the hub's GPT-2s as (n_layer, n_head, n_embd): 124M, 350M, 774M and 1558M parameters
-GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024),
-              'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600)}
-HF_CONV1D = ('c_attn.weight', 'c_proj.weight', 'c_fc.weight')  # weights HF's GPT-2 stores transposed, (in, out)
-HF_GELU = {'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu': 'exact'}  # activation_function -> GPTConfig.gelu
-
-
-def download_gpt2(name):
-    """The hub's GPT-2 folder, cached by huggingface_hub (which reads HF_ENDPOINT and HF_HUB_OFFLINE)."""
-    if name not in GPT2_SIZES:
-        raise ValueError(f"'{name}' is not a folder, nor one of {', '.join(GPT2_SIZES)}")
-    try:
-        from huggingface_hub import snapshot_download  # comes with transformers
-    except ImportError:
-        raise ImportError(f"downloading '{name}' needs the Hugging Face hub client: pip install transformers") from None
-    repo = f'openai-community/{name}'  # where OpenAI's models live on the hub ('gpt2' alone is a redirect)
-    try:
-        return snapshot_download(repo, allow_patterns=['config.json', 'model.safetensors'])
-    except Exception as e:  # offline, a proxy, a wrong HF_ENDPOINT, a revoked repo...
-        first_line = (str(e).strip().splitlines() or [''])[0]
-        raise ValueError(f"cannot download '{name}' from the Hugging Face hub ({type(e).__name__}: {first_line}); "
-                         f"where it is reachable, run 'hf download {repo} config.json model.safetensors "
-                         f"--local-dir {name}', copy that folder here and pass its path instead") from None
-
-
-def read_config(folder):
-    """GPTConfig's arguments for the GPT-2 of a folder's config.json (transformers' GPT2Config)."""
-    path = os.path.join(folder, 'config.json')
-    try:
-        with open(path, encoding='utf-8') as f:
-            hf = json.load(f)
-        args = dict(n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'], block_size=hf['n_positions'],
-                    vocab_size=hf['vocab_size'], bias=True, gelu=HF_GELU.get(hf.get('activation_function', 'gelu_new')))
-    except (OSError, ValueError, KeyError, TypeError) as e:  # no file, not JSON, a missing key, not a dict
-        raise ValueError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e})") from None
-    # refuse the settings this model does not compute, rather than give other logits
-    unsupported = [f"{k}={hf.get(k)!r}" for k, ok in [
-        ('model_type', hf.get('model_type') == 'gpt2'),
-        ('activation_function', args['gelu'] is not None),
-        ('n_inner', hf.get('n_inner') in (None, 4 * hf['n_embd'])),
-        ('layer_norm_epsilon', hf.get('layer_norm_epsilon', 1e-5) == 1e-5),
-        ('scale_attn_weights', hf.get('scale_attn_weights', True)),
-        ('scale_attn_by_inverse_layer_idx', not hf.get('scale_attn_by_inverse_layer_idx', False)),
-    ] if not ok]
-    if unsupported:
-        raise ValueError(f"{path}: this GPT does not implement {', '.join(unsupported)}")
-    return args
-
-
-def read_files(folder):
-    """{name: tensor} of a Hugging Face folder: model.safetensors or pytorch_model.bin, or the
-    shards of a large model (model-00001-of-00003.safetensors, ...)."""
-    paths = (sorted(glob.glob(os.path.join(glob.escape(folder), 'model*.safetensors'))) or
-             sorted(glob.glob(os.path.join(glob.escape(folder), 'pytorch_model*.bin'))))
-    if not paths:
-        raise ValueError(f"{folder} has no model.safetensors nor pytorch_model.bin")
-    if paths[0].endswith('.safetensors'):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"reading {paths[0]} needs safetensors: pip install safetensors") from None
-    else:  # weights_only: the file can hold only tensors, so loading it never runs code (a pickle can)
-        load_file = lambda path: torch.load(path, map_location='cpu', weights_only=True)
-    state_dict = {}
-    for path in paths:
-        try:
-            state_dict.update(load_file(path))
-        except Exception as e:  # truncated, or not what its name says
-            first_line = (str(e).strip().splitlines() or [''])[0]
-            raise ValueError(f"cannot read {path} ({type(e).__name__}: {first_line})") from None
-    return state_dict
-
-
-def read_weights(folder):
-    """The weights of a folder as model.py's GPT names them: its state_dict (lm_head tied to wte)."""
-    weights = read_files(folder)
-    lm_head = weights.pop('lm_head.weight', None)  # absent when saved tied, as transformers does
-    state_dict = {}
-    for k, v in weights.items():
-        k = k.removeprefix('transformer.')  # GPT2LMHeadModel's files say transformer.h.0..., GPT2Model's h.0...
-        if k.endswith(('.attn.bias', '.attn.masked_bias')):
-            continue  # the causal mask, which older transformers saved as a buffer: not a weight
-        state_dict['transformer.' + k] = v.t() if k.endswith(HF_CONV1D) else v  # Conv1D's (in, out) -> (out, in)
-    wte = state_dict.get('transformer.wte.weight')
-    if wte is not None:
-        if lm_head is not None and not torch.equal(lm_head, wte):
-            raise ValueError(f"{folder}: lm_head differs from wte, but this GPT ties them (weight tying, as GPT-2)")
-        state_dict['lm_head.weight'] = wte
-    return state_dict
 
 
 # writing: this script, export()
@@ -186,15 +86,12 @@ def write_json(path, obj):
 def export():
     """Write the checkpoint out_dir/ckpt.pt as the Hugging Face folder hf_dir (the settings above)."""
     # the checkpoint and the data it was trained on
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.isfile(ckpt_path):
-        fail(f"no checkpoint at {ckpt_path}: train one first (python train.py ...), or fix --out_dir")
     try:
-        model, checkpoint = load_checkpoint(ckpt_path, 'cpu')
+        ckpt_path = find_checkpoint(out_dir)
+        model, tok, checkpoint = load_model(ckpt_path, 'cpu')  # with the tokenizer of the data it learned
         dataset = checkpoint['config']['dataset']
-        meta = load_meta(os.path.join(DATA_DIR, dataset))  # the vocabulary's true size and its tokenizer
         safetensors = need('safetensors.torch', 'safetensors')
-        tk = need('tokenizers', 'tokenizers') if meta['tokenizer']['type'] != 'char' else None  # for tokenizer.json
+        tk = need('tokenizers', 'tokenizers') if tok.spec['type'] != 'char' else None  # for tokenizer.json
     except (ValueError, DataError) as e:
         fail(e)
     config = model.config
@@ -206,18 +103,9 @@ def export():
     if switches:
         fail(f"{ckpt_path} uses {', '.join(switches)}, which GPT-2's layout (GPT2LMHeadModel) does not have: only "
              f"models with every architecture switch off export to it")
-    vocab_size, tokenizer = meta['vocab_size'], meta['tokenizer']['type']
-    if vocab_size > config.vocab_size:
-        fail(f"data/{dataset} now has a vocabulary of {vocab_size:,}, the model {config.vocab_size:,}: "
-             f"prepare the dataset again as it was for this model")
-    eot = GPT2_EOT if tokenizer == 'gpt2' else None  # the end-of-text token, which config.json names bos and eos
-    if tokenizer == 'tokenizers':
-        tokenizer_file = os.path.join(DATA_DIR, dataset, meta['tokenizer']['file'])
-        try:
-            tok = tk.Tokenizer.from_file(tokenizer_file)
-        except Exception as e:  # missing, or not a tokenizer file
-            fail(f"cannot read {tokenizer_file} ({e}): run 'python prepare.py {dataset}' again")
-        eot = next((i for i in map(tok.token_to_id, EOT_NAMES) if i is not None), None)
+    vocab_size, tokenizer = tok.n_vocab, tok.spec['type']  # the vocabulary's true size (train.py may pad it)
+    # the end-of-text token, which config.json names bos and eos
+    eot = GPT2_EOT if tokenizer == 'gpt2' else eot_of(tok.tok) if tokenizer == 'tokenizers' else None
     if os.path.isfile(hf_dir) or (os.path.isdir(hf_dir) and os.listdir(hf_dir)):
         if not (overwrite and os.path.isfile(os.path.join(hf_dir, 'config.json'))):
             fail(f"{hf_dir} already exists: choose another --hf_dir, or pass --overwrite=True to replace an "
@@ -254,9 +142,9 @@ def export():
             write_gpt2_tokenizer(tmp, config.block_size, tk)
             written = "GPT-2's tokenizer (vocab.json, merges.txt, tokenizer.json)"
         elif tokenizer == 'tokenizers':
-            shutil.copy(tokenizer_file, os.path.join(tmp, 'tokenizer.json'))
+            shutil.copy(os.path.join(DATA_DIR, dataset, tok.spec['file']), os.path.join(tmp, 'tokenizer.json'))
             write_json(os.path.join(tmp, 'tokenizer_config.json'), dict(tokenizer_class='PreTrainedTokenizerFast',
-                       model_max_length=config.block_size, eos_token=None if eot is None else tok.id_to_token(eot)))
+                       model_max_length=config.block_size, eos_token=None if eot is None else tok.tok.id_to_token(eot)))
             written = f"data/{dataset}'s tokenizer.json"
         else:
             written = (f"no tokenizer: a character vocabulary has no Hugging Face form; token i is character i of "
@@ -272,7 +160,7 @@ def export():
     print(f"wrote {hf_dir}: a GPT-2 of {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, "
           f"vocab {vocab_size:,}, context {config.block_size}; {written}")
     print(f"load it with: GPT2LMHeadModel.from_pretrained('{hf_dir}') (transformers), "
-          f"or GPT.from_pretrained('{hf_dir}')")
+          f"or checkpoint.from_pretrained('{hf_dir}')")
 
 
 if __name__ == '__main__':

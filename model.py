@@ -6,15 +6,13 @@ References:
 2) OpenAI's released TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
 3) "Attention Is All You Need" (Vaswani et al., 2017) for the attention itself
 
-Importing this file has no side effects: it only defines things. The last sections hold the few
-helpers the scripts share (device and precision, checkpoints); export_hf.py reads and writes
-GPT-2's Hugging Face files.
+The model and nothing else: GPTConfig, the layers (with both the fused and the written-out masked
+attention), and GPT (initialisation, forward, generate, optimizer groups, FLOPs). It imports no other
+file of this project and importing it only defines things. Files (checkpoints, GPT-2's Hugging Face
+weights), devices and precision are checkpoint.py's; tokenizers are tokenizer.py's.
 """
 
 import math
-import os
-import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -324,24 +322,6 @@ class GPT(nn.Module):
         if self.transformer.wpe is not None:  # rotary positions are computed, not stored: nothing to crop
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, override_args=None):
-        """GPT-2's weights: 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' from the Hugging Face hub, or a
-        local folder in its layout (config.json, model.safetensors or pytorch_model.bin; export_hf.py writes
-        one). override_args may set what leaves the weights alone: dropout (default 0.0), flash."""
-        import export_hf as hf  # the Hugging Face layout: read there, written by it as a script
-        override_args = override_args or {}
-        if set(override_args) - {'dropout', 'flash'}:
-            raise ValueError(f"from_pretrained overrides only dropout and flash, not {sorted(override_args)}")
-        folder = name_or_path if os.path.isdir(name_or_path) else hf.download_gpt2(name_or_path)
-        model = cls(GPTConfig(**{**hf.read_config(folder), 'dropout': 0.0, **override_args}))
-        try:
-            model.load_state_dict(hf.read_weights(folder))  # copies, casting float16/bfloat16 files to float32
-        except RuntimeError as e:  # missing or unexpected names, other shapes: torch's message lists them
-            message = ' '.join(str(e).split())[:300]  # in one line
-            raise ValueError(f"{folder}: the weights do not fit its config.json ({message})") from None
-        return model
-
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with decoupled weight decay on matrices (matmul weights, embeddings) only:
         biases and LayerNorm gains (1-D tensors) are not decayed."""
@@ -368,7 +348,7 @@ class GPT(nn.Module):
         return 6 * N + 12 * L * H * Q * T
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
-        """Model FLOPs utilisation: FLOPs/s achieved over the device's peak (see peak_flops())."""
+        """Model FLOPs utilisation: FLOPs/s achieved over the device's peak (checkpoint.peak_flops gives it)."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
@@ -416,93 +396,3 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
         return idx
-
-
-# -----------------------------------------------------------------------------
-# Helpers shared by train.py and sample.py: one place for each idea.
-
-def pick_device(device='auto'):
-    """'auto' is the best the machine has: CUDA, then Apple's MPS, then the CPU."""
-    if device == 'auto':
-        if torch.cuda.is_available():
-            return 'cuda'
-        if torch.backends.mps.is_available():
-            return 'mps'
-        return 'cpu'
-    kind = device.split(':')[0]
-    available = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available()}
-    if not available.get(kind, False):
-        have = ', '.join(k for k, ok in available.items() if ok)
-        raise ValueError(f"device '{device}' is not available on this machine; available: {have} (or 'auto')")
-    return device
-
-
-def cpu_has_bf16():
-    """Native bfloat16 matmuls on this CPU (AVX512-BF16 or AMX, as in recent Xeons and EPYCs)."""
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
-
-
-def pick_dtype(dtype, device):
-    """'auto': bfloat16 on GPUs that have it, float16 on older GPUs (with a GradScaler), bfloat16 on
-    CPUs with native bf16 (on a 2-core AVX512-BF16 EPYC, with flash=False: 1.5-1.8x float32's
-    training speed, same loss; bench.py --mode=train), else float32."""
-    if dtype == 'auto':
-        if device.startswith('cuda'):
-            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        return 'bfloat16' if device == 'cpu' and cpu_has_bf16() else 'float32'
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise ValueError(f"dtype '{dtype}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
-    return dtype
-
-
-def autocast_context(device, dtype):
-    """Mixed precision: matmuls run in dtype, weights and the optimizer stay float32."""
-    if dtype == 'float32':
-        return nullcontext()
-    ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    return torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
-
-
-# Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
-PEAK_FLOPS = {
-    'H100': 989e12,  # SXM
-    'A100': 312e12,
-    'A10G': 125e12,
-    'L4': 121e12,
-    'RTX 4090': 165e12,
-    'RTX 3090': 71e12,
-    'V100': 125e12,
-    'T4': 65e12,
-}
-
-
-def peak_flops(device):
-    """(FLOP/s, name) of the reference MFU is measured against. Unknown devices, the CPU
-    included, fall back to nanoGPT's reference, the A100's bf16 peak of 312 TFLOPS."""
-    if device.startswith('cuda'):
-        gpu = torch.cuda.get_device_name(device)
-        for name, flops in PEAK_FLOPS.items():
-            if re.search(rf'\b{re.escape(name)}\b', gpu):  # whole words: 'L4' is not 'L40S'
-                return flops, f"{name} peak {flops / 1e12:.0f} TFLOPS"
-    return 312e12, "A100 bf16 peak 312 TFLOPS (nanoGPT's reference; no figure for this device)"
-
-
-def load_checkpoint(path, device, **overrides):
-    """Load a checkpoint written by train.py into a GPT on device. Returns (model, checkpoint).
-    overrides change settings that do not touch the weights (dropout, flash).
-    weights_only=True: the file can hold only tensors and plain Python values, so loading it
-    never runs code (a pickle can)."""
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, or holding objects that are not plain data
-        first_line = (str(e).strip().splitlines() or [''])[0]
-        raise ValueError(f"cannot load checkpoint {path} ({type(e).__name__}: {first_line})") from None
-    if not isinstance(checkpoint, dict) or not {'model', 'model_args', 'iter_num'} <= checkpoint.keys():
-        raise ValueError(f"cannot load checkpoint {path}: it is not one written by train.py or nanoGPT "
-                         f"(no 'model', 'model_args' and 'iter_num' in it)")
-    model = GPT(GPTConfig(**dict(checkpoint['model_args'], **overrides)))
-    # a model saved after torch.compile has its names prefixed with '_orig_mod.'
-    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
-    model.load_state_dict(state_dict)
-    model.to(device)
-    return model, checkpoint

@@ -13,19 +13,15 @@ read them (dtype) and how to turn ids back into text (the tokenizer). Processes 
 text a chunk at a time, so a corpus larger than memory works; every file is written under a temporary
 name and renamed at the end, so an interrupted run never leaves a truncated train.bin behind.
 
-Also the home of the tokenizer helpers train.py and sample.py import (load_meta, load_tokenizer);
-importing this file does nothing else.
+The tokenizers themselves live in tokenizer.py; importing this file does nothing but define things.
 """
 
 import argparse
-import base64
 import collections
 import glob
-import hashlib
 import http.client
 import json
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -36,17 +32,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
-HF_ENDPOINT = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')  # mirrors set HF_ENDPOINT
+from tokenizer import DATA_DIR, GPT2_EOT, DataError, Tokenizer, eot_of, gpt2_encoding, hf_tokenizer, need
 
-# OpenAI's GPT-2 BPE merge ranks, committed so that no download is needed: byte for byte the r50k_base
-# file tiktoken fetches for its 'gpt2' encoding, with its sha256
-GPT2_BPE_FILE = os.path.join(DATA_DIR, 'gpt2.tiktoken')
-GPT2_BPE_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
-# GPT-2's pre-tokenisation pattern, in the faster equivalent form tiktoken uses (tiktoken_ext/openai_public.py)
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-GPT2_EOT = 50256  # <|endoftext|>
-EOT_NAMES = ('<|endoftext|>', '</s>', '<|end_of_text|>', '<eos>')  # end-of-text tokens of common tokenizers
+HF_ENDPOINT = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')  # mirrors set HF_ENDPOINT
 
 # the named datasets: their text (files at url + name, kept in data/<folder or name>/; or a hub dataset),
 # how documents are separated, the default tokenizer
@@ -63,104 +51,6 @@ DATASETS = {
     'openwebtext': dict(hub='Skylion007/openwebtext', tokenizer='gpt2', val_fraction=0.0005),  # nanoGPT's 0.05%
 }
 CHUNK_BYTES = 1 << 20  # text is encoded in chunks of ~1 MB: small enough to spread over cores
-
-
-class DataError(Exception):
-    """A problem with the user's data or files: the scripts print its message in one line and exit."""
-
-
-def need(module, pip_name):
-    """Import an optional library, or say which pip install gives it."""
-    try:
-        return __import__(module)
-    except ImportError:
-        raise DataError(f"this needs the '{pip_name}' library: pip install {pip_name}") from None
-
-
-# -----------------------------------------------------------------------------
-# tokenizers. A tokenizer is described by a small dict (meta.json's "tokenizer"):
-#   {"type": "char", "chars": [...]}   id i is chars[i]
-#   {"type": "gpt2"}                   GPT-2's BPE, from data/gpt2.tiktoken
-#   {"type": "tokenizers", "file": "tokenizer.json"}   a Hugging Face tokenizers file beside the data
-
-def gpt2_encoding():
-    """tiktoken's GPT-2 encoding from the committed file (tiktoken.get_encoding('gpt2') would download it)."""
-    tiktoken = need('tiktoken', 'tiktoken')
-    with open(GPT2_BPE_FILE, 'rb') as f:
-        contents = f.read()
-    if hashlib.sha256(contents).hexdigest() != GPT2_BPE_SHA256:
-        raise DataError(f"{GPT2_BPE_FILE} is not OpenAI's GPT-2 BPE file: restore it with 'git checkout data/gpt2.tiktoken'")
-    # each line: base64 of a token's bytes, then its rank, which is its id
-    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in contents.splitlines() if line)}
-    return tiktoken.Encoding(name='gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={'<|endoftext|>': GPT2_EOT})
-
-
-def load_tokenizer(meta, data_dir):
-    """(encode, decode) for a dataset's tokenizer: encode(str) -> list of ids, decode(ids) -> str."""
-    spec = meta['tokenizer']
-    if spec['type'] == 'char':
-        chars = spec['chars']
-        stoi = {ch: i for i, ch in enumerate(chars)}
-
-        def encode(text):
-            unknown = sorted(set(text) - stoi.keys())
-            if unknown:
-                raise DataError(f"characters not in this model's vocabulary of {len(chars)}: "
-                                f"{' '.join(repr(c) for c in unknown)}; use only characters of the training text")
-            return [stoi[ch] for ch in text]
-        return encode, lambda ids: ''.join(chars[i] for i in ids)
-    if spec['type'] == 'gpt2':
-        enc = gpt2_encoding()
-        return enc.encode_ordinary, enc.decode
-    if spec['type'] == 'tokenizers':
-        tok = need('tokenizers', 'tokenizers').Tokenizer.from_file(os.path.join(data_dir, spec['file']))
-        return (lambda text: tok.encode(text, add_special_tokens=False).ids), tok.decode
-    raise DataError(f"unknown tokenizer type '{spec['type']}' in {data_dir}/meta.json")
-
-
-def array_encoder(spec, data_dir):
-    """encode(text) -> array of ids: each tokenizer's fastest way, for preparing large corpora."""
-    if spec['type'] == 'char':
-        # characters -> ids with one table lookup: the text's code points index a table of ids
-        table = np.zeros(max(map(ord, spec['chars'])) + 1, dtype=np.uint32)
-        table[[ord(c) for c in spec['chars']]] = np.arange(len(spec['chars']))
-        return lambda text: table[np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)]
-    encode = load_tokenizer(dict(tokenizer=spec), data_dir)[0]
-    return lambda text: np.array(encode(text), dtype=np.uint32)
-
-
-class PlainUnpickler(pickle.Unpickler):
-    """Plain data only (dicts, lists, str, int, ...): a class a pickle names is refused, as loading it can run code."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain data is read")
-
-
-def load_meta(data_dir):
-    """Read data/<name>/meta.json, or say which command makes it. A folder prepared by nanoGPT works too: its
-    meta.pkl (characters) is read as plain data; without one, its .bin files hold GPT-2 BPE ids as uint16."""
-    path = os.path.join(data_dir, 'meta.json')
-    name = os.path.basename(os.path.normpath(data_dir))
-    if os.path.isfile(path):
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    bins = [os.path.join(data_dir, f'{s}.bin') for s in ('train', 'val')]
-    if not all(map(os.path.isfile, bins)):
-        raise DataError(f"dataset '{name}' is not prepared ({path} is missing): run 'python prepare.py {name}' "
-                        f"(or 'python prepare.py {name} --input=YOUR_TEXT') first")
-    counts = dict(train_tokens=os.path.getsize(bins[0]) // 2, val_tokens=os.path.getsize(bins[1]) // 2)
-    pkl = os.path.join(data_dir, 'meta.pkl')
-    if not os.path.isfile(pkl):
-        return dict(vocab_size=50257, dtype='uint16', tokenizer=dict(type='gpt2'), eot_id=GPT2_EOT, **counts)
-    try:
-        with open(pkl, 'rb') as f:
-            old = PlainUnpickler(f).load()
-        chars = [old['itos'][i] for i in range(old['vocab_size'])]
-    except Exception as e:  # not a pickle, another layout, or objects that are not plain data
-        raise DataError(f"cannot read {pkl} as nanoGPT's character vocabulary ({type(e).__name__}: {e}): "
-                        f"prepare the data again with 'python prepare.py {name} --input=...'") from None
-    return dict(vocab_size=len(chars), dtype='uint16', tokenizer=dict(type='char', chars=chars), eot_id=None, **counts)
 
 
 # -----------------------------------------------------------------------------
@@ -266,7 +156,7 @@ def _init_worker(spec, data_dir, eot, separator, errors, dtype='uint32'):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     # a line holding only the separator (this form splits 4x faster than one with (?m)^...$)
     sep = re.compile(rf'\n[ \t]*{re.escape(separator)}[ \t]*(?=\n|\Z)') if separator else None
-    _worker.update(encode=array_encoder(spec, data_dir) if spec else None, eot=eot, sep=sep, errors=errors, dtype=dtype)
+    _worker.update(encode=Tokenizer(spec, data_dir).array_encoder() if spec else None, eot=eot, sep=sep, errors=errors, dtype=dtype)
 
 
 def task_texts(task):
@@ -457,10 +347,10 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
             _init_worker(*init)
             tok = train_bpe(training_texts(tasks(), k), vocab_size, tmp['tokenizer.json'])
         else:
-            tok = need('tokenizers', 'tokenizers').Tokenizer.from_file(tokenizer)
+            tok = hf_tokenizer(tokenizer)
             tok.save(tmp['tokenizer.json'])
         tok_spec, vocab = dict(type='tokenizers', file='tokenizer.json'), tok.get_vocab_size()
-        eot = next((i for i in map(tok.token_to_id, EOT_NAMES) if i is not None), None)
+        eot = eot_of(tok)
     if n_docs == 1:
         eot = None  # a single text has no document ends to learn (and keeps nanoGPT's token counts)
 

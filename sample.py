@@ -8,7 +8,7 @@ Samples text from a trained model:
     python sample.py --init_from=path/to/hf-folder   # a Hugging Face GPT-2 folder (export_hf.py writes one)
 
 Text is encoded and decoded with the tokenizer of the data the model was trained on: a checkpoint's
-dataset's (data/<dataset>/meta.json), or GPT-2's BPE for GPT-2's weights. python sample.py --help
+dataset's (data/<dataset>/meta.json), or GPT-2's BPE for GPT-2's weights (checkpoint.load_model). python sample.py --help
 lists every setting.
 """
 
@@ -17,13 +17,13 @@ import os
 import torch
 
 import configurator
+from checkpoint import autocast_context, load_model, pick_device, pick_dtype
 from configurator import fail
-from model import GPT, autocast_context, load_checkpoint, pick_device, pick_dtype
-from prepare import DATA_DIR, GPT2_EOT, DataError, gpt2_encoding, load_meta, load_tokenizer
+from tokenizer import DataError
 
 # -----------------------------------------------------------------------------
 # settings
-init_from = 'resume'  # 'resume' (out_dir/ckpt.pt) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | an HF folder
+init_from = 'resume'  # 'resume' (out_dir's checkpoint) | a run's folder | a ckpt.pt file | 'gpt2' ... 'gpt2-xl' | an HF folder
 out_dir = 'out'  # folder holding ckpt.pt
 ckpt_name = 'ckpt.pt'  # 'ckpt.pt' (the best model) | 'last.pt' (the latest state of training)
 block_size = 0  # 0: the model's context length; a smaller one crops the model to it
@@ -56,42 +56,11 @@ if num_samples < 1:
 torch.manual_seed(seed)
 ctx = autocast_context(device, dtype)
 
-# the model, and the tokenizer of the data it was trained on
-if init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, ckpt_name)
-    if not os.path.isfile(ckpt_path) and ckpt_name == 'ckpt.pt' and os.path.isfile(os.path.join(out_dir, 'last.pt')):
-        ckpt_path = os.path.join(out_dir, 'last.pt')  # stopped before its first evaluation: the latest
-        print(f"(no ckpt.pt yet: sampling from {ckpt_path})")
-    if not os.path.isfile(ckpt_path):
-        fail(f"no checkpoint at {ckpt_path}: train one first (python train.py ...), or fix --out_dir")
-    try:
-        model, checkpoint = load_checkpoint(ckpt_path, device, dropout=0.0)
-    except ValueError as e:
-        fail(e)
-    dataset = checkpoint['config']['dataset']
-    data_dir = os.path.join(DATA_DIR, dataset)
-    try:
-        meta = load_meta(data_dir)
-        encode, decode = load_tokenizer(meta, data_dir)
-    except DataError as e:
-        fail(e)
-    vocab_size, eot = meta['vocab_size'], meta.get('eot_id')
-    if vocab_size > model.config.vocab_size:
-        fail(f"data/{dataset} now has a vocabulary of {vocab_size:,}, but the model was trained on "
-             f"{model.config.vocab_size:,}: prepare the dataset again as it was for this model")
-else:  # GPT-2's weights, by name from the Hugging Face hub or from a local folder
-    try:
-        model = GPT.from_pretrained(init_from, dict(dropout=0.0))
-        enc = gpt2_encoding()
-    except (ValueError, ImportError, DataError) as e:
-        fail(e)
-    if model.config.vocab_size != enc.n_vocab:
-        fail(f"{init_from} has a vocabulary of {model.config.vocab_size:,} tokens, not GPT-2's {enc.n_vocab:,}: "
-             f"sample it from its checkpoint (--init_from=resume --out_dir=...)")
-    model.to(device)
-    encode, decode = enc.encode_ordinary, enc.decode
-    vocab_size, eot = enc.n_vocab, GPT2_EOT
-model.eval()
+# the model, and the tokenizer of the data it was trained on (GPT-2's BPE for GPT-2's weights)
+try:
+    model, tok, _ = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name)
+except (ValueError, ImportError, DataError) as e:
+    fail(e)
 if block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's {model.config.block_size}: it has no position "
          f"embeddings beyond that; use at most {model.config.block_size} (0 keeps it)")
@@ -111,7 +80,7 @@ if start.startswith('FILE:'):
 if not start:
     fail("the prompt is empty: give at least one token with --start=TEXT (the default is a newline)")
 try:
-    start_ids = encode(start)
+    start_ids = tok.encode(start)
 except DataError as e:
     fail(e)
 if len(start_ids) > model.config.block_size:
@@ -120,11 +89,11 @@ x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num
 
 # generate
 with torch.no_grad(), ctx:
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, vocab_size=vocab_size,
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, vocab_size=tok.n_vocab,
                        use_cache=kv_cache)
 for row in y.tolist():
     new = row[len(start_ids):]
-    if stop_at_eot and eot in new:
-        new = new[:new.index(eot)]  # the story ended here; what follows would be a new document
-    print(decode(start_ids + new))
+    if stop_at_eot and tok.eot in new:
+        new = new[:new.index(tok.eot)]  # the story ended here; what follows would be a new document
+    print(tok.decode(start_ids + new))
     print('---------------')

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import model as M
+from checkpoint import load_checkpoint
 from model import GPT, GPTConfig
 from test_model import one_thread  # noqa: F401 (an autouse fixture: one torch thread in this module too)
 from test_scripts import TINY as TINY_FLAGS, assert_one_line_error, repo, run  # noqa: F401 (repo is a fixture)
@@ -244,7 +245,7 @@ def test_combination_trains_caches_and_round_trips(combo, tmp_path):
     path = tmp_path / 'ckpt.pt'
     model_args = {k: v for k, v in vars(m.config).items()}
     torch.save({'model': m.state_dict(), 'model_args': model_args, 'iter_num': 30}, path)
-    loaded, _ = M.load_checkpoint(path, 'cpu')
+    loaded, _ = load_checkpoint(path, 'cpu')
     loaded.eval()
     assert loaded.config == m.config
     with torch.no_grad():
@@ -257,7 +258,7 @@ def test_checkpoint_without_the_new_keys_loads_as_gpt2(tmp_path):
     m = tiny()
     args = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=65, bias=True, dropout=0.0)
     torch.save({'model': m.state_dict(), 'model_args': args, 'iter_num': 0}, tmp_path / 'ckpt.pt')
-    loaded, _ = M.load_checkpoint(tmp_path / 'ckpt.pt', 'cpu')
+    loaded, _ = load_checkpoint(tmp_path / 'ckpt.pt', 'cpu')
     assert loaded.config == m.config
     assert not (loaded.config.rope or loaded.config.rmsnorm or loaded.config.swiglu or loaded.config.qk_norm)
 
@@ -290,7 +291,7 @@ def test_train_resume_and_sample_a_modern_model(repo):  # noqa: F811 (repo is th
     p = run(repo, 'sample.py', out, '--start=ROMEO:', '--temperature=0', '--num_samples=1', '--max_new_tokens=40',
             '--dtype=float32')
     chars = json.loads((repo / 'data' / 'shakespeare_char' / 'meta.json').read_text())['tokenizer']['chars']
-    m, _ = M.load_checkpoint(repo / out.split('=')[1] / 'ckpt.pt', 'cpu')
+    m, _ = load_checkpoint(repo / out.split('=')[1] / 'ckpt.pt', 'cpu')
     m.eval()
     idx = torch.tensor([[chars.index(c) for c in 'ROMEO:']])
     text = ''.join(chars[i] for i in m.generate(idx, 40, temperature=0, use_cache=False)[0].tolist())

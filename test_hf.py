@@ -1,6 +1,6 @@
 """
 GPT-2 in the Hugging Face layout, checked against transformers itself (an implementation written
-independently of ours): GPT.from_pretrained on tiny random GPT2LMHeadModels saved to disk,
+independently of ours): checkpoint.from_pretrained on tiny random GPT2LMHeadModels saved to disk,
 export_hf.py on checkpoints of the real train.py (run as subprocesses, as in test_scripts.py),
 the tokenizer files derived from tiktoken's GPT-2 BPE, and the one-line answers when a library
 or the hub is missing. Offline, CPU, float32; no test needs the network.
@@ -16,8 +16,8 @@ import torch
 pytest.importorskip('transformers')  # a test requirement (requirements-test.txt), not a core one
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer  # noqa: E402
 
-from model import GPT, load_checkpoint  # noqa: E402
-from prepare import gpt2_encoding  # noqa: E402
+from checkpoint import from_pretrained, load_checkpoint  # noqa: E402
+from tokenizer import gpt2_encoding  # noqa: E402
 from test_scripts import ROOT, TINY, assert_one_line_error, repo, run  # noqa: E402,F401 (repo is a fixture)
 
 TOL = 1e-5  # float32 logits of the two implementations agree to rounding
@@ -74,14 +74,14 @@ def ids(B=2, T=40, vocab_size=50257, seed=1):
 
 
 # -----------------------------------------------------------------------------
-# GPT.from_pretrained against transformers
+# from_pretrained against transformers
 
 
 @pytest.mark.parametrize('activation, flash', [('gelu_new', True), ('gelu_new', False), ('gelu', True)])
 def test_from_pretrained_logits_equal_transformers(tmp_path, activation, flash):
     """GPT-2's tanh GELU ('gelu_new') and the exact one, through both attention paths."""
     hf = tiny_hf(tmp_path, activation)
-    ours = GPT.from_pretrained(str(tmp_path), dict(flash=flash)).eval()
+    ours = from_pretrained(str(tmp_path), dict(flash=flash)).eval()
     assert ours.config.gelu == {'gelu_new': 'tanh', 'gelu': 'exact'}[activation]
     idx = ids()
     with torch.no_grad():
@@ -92,13 +92,13 @@ def test_from_pretrained_logits_equal_transformers(tmp_path, activation, flash):
 
 def test_greedy_generation_equals_transformers(tmp_path):
     hf = tiny_hf(tmp_path)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = from_pretrained(str(tmp_path)).eval()
     idx = ids(T=8)
     expected = greedy(hf, idx, 24)
     assert len(set(expected[0, 8:].tolist())) > 3  # a varied continuation, not one token repeated
     assert ours.generate(idx, 24, temperature=0).tolist() == expected.tolist()
     assert ours.config.dropout == 0.0  # the default for inference; finetuning may ask for more
-    assert GPT.from_pretrained(str(tmp_path), dict(dropout=0.1)).config.dropout == 0.1
+    assert from_pretrained(str(tmp_path), dict(dropout=0.1)).config.dropout == 0.1
 
 
 @pytest.mark.parametrize('layout', ['bin', 'shards'])
@@ -116,7 +116,7 @@ def test_from_pretrained_other_layouts(tmp_path, layout):
             state_dict[f'h.{i}.attn.bias'] = torch.ones(1, 1, 64, 64).tril()
             state_dict[f'h.{i}.attn.masked_bias'] = torch.tensor(-1e4)
         torch.save(state_dict, tmp_path / 'pytorch_model.bin')
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = from_pretrained(str(tmp_path)).eval()
     idx = ids()
     with torch.no_grad():
         torch.testing.assert_close(all_logits(ours, idx), hf(idx).logits, atol=TOL, rtol=0)
@@ -127,28 +127,28 @@ def test_from_pretrained_refuses_what_it_cannot_load(tmp_path):
     tiny_hf(tmp_path)
     cases = []
     with pytest.raises(ValueError, match='dropout and flash') as e:
-        GPT.from_pretrained(str(tmp_path), dict(n_layer=1))
+        from_pretrained(str(tmp_path), dict(n_layer=1))
     cases.append(e)
     config = json.loads((tmp_path / 'config.json').read_text())
     (tmp_path / 'config.json').write_text(json.dumps(dict(config, activation_function='relu')))
     with pytest.raises(ValueError, match="activation_function='relu'") as e:
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     cases.append(e)
     (tmp_path / 'config.json').write_text(json.dumps(dict(config, n_layer=3)))  # weights of 2 layers
     with pytest.raises(ValueError, match=r'do not fit its config\.json .*h\.2\.') as e:
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     cases.append(e)
     (tmp_path / 'config.json').write_text(json.dumps(config))
     (tmp_path / 'model.safetensors').write_bytes(b'not a safetensors file')
     with pytest.raises(ValueError, match='cannot read .*model.safetensors') as e:
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     cases.append(e)
     os.remove(tmp_path / 'model.safetensors')
     with pytest.raises(ValueError, match='no model.safetensors nor pytorch_model.bin') as e:
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     cases.append(e)
     with pytest.raises(ValueError, match="'gpt3' is not a folder, nor one of gpt2, gpt2-medium") as e:
-        GPT.from_pretrained('gpt3')
+        from_pretrained('gpt3')
     cases.append(e)
     assert all('\n' not in str(e.value) for e in cases)
 
@@ -159,7 +159,7 @@ def test_untied_lm_head_is_refused(tmp_path):
     os.remove(tmp_path / 'model.safetensors')
     torch.save(state_dict, tmp_path / 'pytorch_model.bin')
     with pytest.raises(ValueError, match='lm_head differs from wte'):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_missing_safetensors_names_the_pip_install(tmp_path, monkeypatch):
@@ -167,7 +167,7 @@ def test_missing_safetensors_names_the_pip_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'safetensors', None)  # import safetensors now raises ImportError
     monkeypatch.setitem(sys.modules, 'safetensors.torch', None)
     with pytest.raises(ImportError, match='pip install safetensors') as e:
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     assert '\n' not in str(e.value)
 
 
@@ -253,7 +253,7 @@ def test_export_loads_in_transformers_with_equal_logits(gpt2_export):
     prompt = idx[:, :4]
     assert ours.generate(prompt, 12, temperature=0, vocab_size=50257).tolist() == greedy(hf, prompt, 12).tolist()
     # and back: our own reader gives the same logits
-    torch.testing.assert_close(all_logits(GPT.from_pretrained(str(folder)).eval(), idx), expected, atol=TOL, rtol=0)
+    torch.testing.assert_close(all_logits(from_pretrained(str(folder)).eval(), idx), expected, atol=TOL, rtol=0)
     assert "GPT-2's tokenizer" in stdout
 
 

@@ -6,7 +6,6 @@ generate() with the KV cache against generate() without it.
 CPU, float32, seeded, tiny configs; each test takes a second or less.
 """
 
-import dataclasses
 import math
 import re
 
@@ -458,81 +457,3 @@ def test_crop_block_size():
     assert out.shape == (2, 11)
     with pytest.raises(ValueError):
         m.crop_block_size(9)
-
-
-def save_checkpoint(m, path, prefix=''):
-    """A checkpoint shaped like train.py's."""
-    torch.save({
-        'model': {prefix + k: v for k, v in m.state_dict().items()},
-        'model_args': dataclasses.asdict(m.config),
-        'config': {},
-        'iter_num': 0,
-    }, path)
-
-
-@pytest.mark.parametrize('prefix', ['', '_orig_mod.'])
-def test_load_checkpoint(tmp_path, prefix):
-    """load_checkpoint restores the weights (also with torch.compile's '_orig_mod.' names)."""
-    m = tiny()
-    path = tmp_path / 'ckpt.pt'
-    save_checkpoint(m, path, prefix)
-    loaded, checkpoint = M.load_checkpoint(path, 'cpu')
-    loaded.eval()
-    assert checkpoint['iter_num'] == 0
-    assert loaded.config == m.config
-    idx = random_idx()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(idx, idx)[0], m(idx, idx)[0], atol=0, rtol=0)
-    # the loaded model still ties its embedding and output weights
-    assert loaded.transformer.wte.weight.data_ptr() == loaded.lm_head.weight.data_ptr()
-
-
-def test_load_checkpoint_overrides(tmp_path):
-    """Overrides such as dropout reach the loaded model's config and layers; the weights are unchanged."""
-    m = tiny()
-    path = tmp_path / 'ckpt.pt'
-    save_checkpoint(m, path)
-    loaded, _ = M.load_checkpoint(path, 'cpu', dropout=0.1, flash=False)
-    assert loaded.config.dropout == 0.1 and loaded.config.flash is False
-    assert loaded.transformer.drop.p == 0.1
-    assert loaded.transformer.h[0].attn.dropout == 0.1 and not loaded.transformer.h[0].attn.flash
-    loaded.eval()
-    idx = random_idx()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(idx, idx)[0], m(idx, idx)[0], atol=1e-5, rtol=0)
-
-
-# -----------------------------------------------------------------------------
-# device and precision helpers
-
-no_cuda = not torch.cuda.is_available()
-
-
-@pytest.mark.skipif(not no_cuda or torch.backends.mps.is_available(), reason='this machine has a GPU')
-def test_pick_device_auto_is_cpu_without_gpu():
-    """With neither CUDA nor MPS, 'auto' means the CPU."""
-    assert M.pick_device('auto') == 'cpu'
-    assert M.pick_device('cpu') == 'cpu'
-
-
-@pytest.mark.skipif(not no_cuda, reason='CUDA is available here')
-def test_pick_device_cuda_unavailable():
-    """Asking for CUDA on a machine without it is refused with the devices that do exist."""
-    with pytest.raises(ValueError) as excinfo:
-        M.pick_device('cuda')
-    message = str(excinfo.value)
-    assert 'cuda' in message and 'available' in message and 'cpu' in message, message
-
-
-def test_pick_dtype(monkeypatch):
-    """'auto' on the CPU is bfloat16 where the processor has native bf16 matmuls, float32
-    elsewhere (there CPU autocast is slower than float32); an explicit dtype is kept; an
-    unknown one is refused by name."""
-    for native, expected in ((True, 'bfloat16'), (False, 'float32')):
-        monkeypatch.setattr(M, 'cpu_has_bf16', lambda: native)
-        assert M.pick_dtype('auto', 'cpu') == expected
-        assert M.pick_dtype('auto', 'mps') == 'float32'
-    for dtype in ('float32', 'bfloat16', 'float16'):
-        assert M.pick_dtype(dtype, 'cpu') == dtype
-    with pytest.raises(ValueError, match='float8'):
-        M.pick_dtype('float8', 'cpu')

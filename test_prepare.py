@@ -24,7 +24,7 @@ from test_scripts import ROOT, TINY, assert_one_line_error, run
 
 sys.path.insert(0, ROOT)
 import prepare  # noqa: E402
-from prepare import gpt2_encoding  # noqa: E402
+from tokenizer import gpt2_encoding  # noqa: E402
 
 tokenizers = pytest.importorskip('tokenizers', reason='pip install -r requirements-test.txt')
 

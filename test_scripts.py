@@ -99,7 +99,7 @@ def test_prepare_shakespeare_gpt2_offline(repo):
 def test_gpt2_encoding_known_ids():
     """The encoding built from data/gpt2.tiktoken gives OpenAI's ids."""
     sys.path.insert(0, ROOT)
-    from prepare import gpt2_encoding
+    from tokenizer import gpt2_encoding
     enc = gpt2_encoding()
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode("<|endoftext|>", allowed_special='all') == [50256]

@@ -26,9 +26,11 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from model import GPT, GPTConfig, autocast_context, load_checkpoint, peak_flops, pick_device, pick_dtype
+from checkpoint import (autocast_context, from_pretrained, load_checkpoint, peak_flops, pick_device, pick_dtype,
+                        save_checkpoint)
+from model import GPT, GPTConfig
 from plot import RunLog
-from prepare import DATA_DIR, DataError, load_meta, load_tokenizer
+from tokenizer import DATA_DIR, DataError, load_meta, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings
@@ -143,8 +145,8 @@ for split in ('train', 'val'):
         fail(f"{data_dir}/{split}.bin is missing: run 'python prepare.py {dataset}' again")
 if eval_sample:
     try:  # now, not at the first evaluation
-        encode, decode = load_tokenizer(meta, data_dir)
-        sample_ids = encode(eval_sample)
+        tok = load_tokenizer(meta, data_dir)
+        sample_ids = tok.encode(eval_sample)
     except DataError as e:
         fail(f"eval_sample: {e}")
 
@@ -221,7 +223,7 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from):  # GPT-2's weight
              f"'{meta['tokenizer']['type']}': prepare it with --tokenizer=gpt2")
     log(f"initialising from GPT-2's weights: {init_from}")
     try:
-        model = GPT.from_pretrained(init_from, dict(dropout=dropout, flash=flash))
+        model = from_pretrained(init_from, dict(dropout=dropout, flash=flash))
     except (ValueError, ImportError) as e:
         fail(e)
     if block_size < model.config.block_size:
@@ -276,7 +278,7 @@ def rekey(optim_sd, key):
                 param_groups=[dict(g, params=[key[k] for k in g['params']]) for g in optim_sd['param_groups']])
 
 
-def save_checkpoint(names):
+def save(names):
     """Write the run's state as plain tensors to out_dir/name for each of names (under FSDP every process calls it)."""
     if ddp and fsdp:
         model_sd, optim_sd = get_state_dict(raw_model, optimizer,
@@ -292,15 +294,8 @@ def save_checkpoint(names):
                       iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng_state=rng_state[0])
     if device_type == 'cuda':
         checkpoint['cuda_rng_state'] = rng_state[1]
-    for name in names:
-        # write a temporary file, push it to the disk, rename it over the old one: whenever the machine dies,
-        # the folder holds a whole checkpoint
-        path = os.path.join(out_dir, name)
-        with open(path + '.tmp', 'wb') as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + '.tmp', path)
+    for name in names:  # each written whole, or not at all (checkpoint.py)
+        save_checkpoint(checkpoint, os.path.join(out_dir, name))
     log(f"saved {', '.join(names)} at iteration {iter_num}")
 
 
@@ -404,11 +399,11 @@ while True:
                 y = raw_model.generate(x, eval_sample_tokens, temperature=eval_sample_temperature, top_k=200,
                                        vocab_size=meta['vocab_size'])
             model.train()
-            log(f"sample: {decode(y[0].tolist())!r}")
+            log(f"sample: {tok.decode(y[0].tolist())!r}")
         if wandb_log and master:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
         if iter_num > 0 and not eval_only:  # last.pt at every save, so that it is always the latest
-            save_checkpoint(['last.pt'] + (['ckpt.pt'] if improved or always_save_checkpoint else []))
+            save(['last.pt'] + (['ckpt.pt'] if improved or always_save_checkpoint else []))
         t0 = time.perf_counter()  # evaluation time is not training time
     if iter_num >= max_iters or eval_only:
         break
@@ -440,7 +435,7 @@ while True:
     # stop (then before their update, which the resumed run makes): no weights reach the disk unchecked
     signalled = flags[1].item() > 0
     if signalled or (checkpoint_interval and iter_num % checkpoint_interval == 0 and iter_num % eval_interval):
-        save_checkpoint(['last.pt'])
+        save(['last.pt'])
     if signalled:
         log(f"stopped by {stop_signal or 'a signal to another process'} at iteration {iter_num}; "
             f"to continue: the same command with --init_from=resume")

@@ -1,0 +1,286 @@
+"""
+Where a model comes from and where it goes: the device and precision it runs at, checkpoints
+written and read, GPT-2's weights in the Hugging Face layout, and one call that gives a ready
+model with its tokenizer:
+
+    from checkpoint import load_model
+    model, tok, ckpt = load_model('out-shakespeare-char-cpu', device='cpu')   # a run's folder
+    model, tok, ckpt = load_model('gpt2-xl', device='cuda')                   # OpenAI's GPT-2 (ckpt is None)
+
+train.py, sample.py, bench.py and export_hf.py use it; model.py knows nothing of files.
+A checkpoint is one torch.save dict with nanoGPT's keys (model, optimizer, model_args, iter_num,
+best_val_loss, config) and what exact resumption adds (scaler, rng_state, cuda_rng_state). It holds
+plain tensors and values only, so it loads with weights_only=True and loading never runs code.
+"""
+
+import glob
+import json
+import os
+import re
+from contextlib import nullcontext
+
+import torch
+
+from model import GPT, GPTConfig
+from tokenizer import DATA_DIR, DataError, gpt2_tokenizer, load_meta, load_tokenizer
+
+# -----------------------------------------------------------------------------
+# device and precision
+
+
+def pick_device(device='auto'):
+    """'auto' is the best the machine has: CUDA, then Apple's MPS, then the CPU."""
+    if device == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        if torch.backends.mps.is_available():
+            return 'mps'
+        return 'cpu'
+    kind = device.split(':')[0]
+    available = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        have = ', '.join(k for k, ok in available.items() if ok)
+        raise ValueError(f"device '{device}' is not available on this machine; available: {have} (or 'auto')")
+    return device
+
+
+def cpu_has_bf16():
+    """Native bfloat16 matmuls on this CPU (AVX512-BF16 or AMX, as in recent Xeons and EPYCs)."""
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+
+def pick_dtype(dtype, device):
+    """'auto': bfloat16 on GPUs that have it, float16 on older GPUs (with a GradScaler), bfloat16 on
+    CPUs with native bf16 (on a 2-core AVX512-BF16 EPYC, with flash=False: 1.5-1.8x float32's
+    training speed, same loss; bench.py --mode=train), else float32."""
+    if dtype == 'auto':
+        if device.startswith('cuda'):
+            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        return 'bfloat16' if device == 'cpu' and cpu_has_bf16() else 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"dtype '{dtype}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+    return dtype
+
+
+def autocast_context(device, dtype):
+    """Mixed precision: matmuls run in dtype, weights and the optimizer stay float32."""
+    if dtype == 'float32':
+        return nullcontext()
+    ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    return torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
+
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
+PEAK_FLOPS = {
+    'H100': 989e12,  # SXM
+    'A100': 312e12,
+    'A10G': 125e12,
+    'L4': 121e12,
+    'RTX 4090': 165e12,
+    'RTX 3090': 71e12,
+    'V100': 125e12,
+    'T4': 65e12,
+}
+
+
+def peak_flops(device):
+    """(FLOP/s, name) of the reference MFU is measured against. Unknown devices, the CPU
+    included, fall back to nanoGPT's reference, the A100's bf16 peak of 312 TFLOPS."""
+    if device.startswith('cuda'):
+        gpu = torch.cuda.get_device_name(device)
+        for name, flops in PEAK_FLOPS.items():
+            if re.search(rf'\b{re.escape(name)}\b', gpu):  # whole words: 'L4' is not 'L40S'
+                return flops, f"{name} peak {flops / 1e12:.0f} TFLOPS"
+    return 312e12, "A100 bf16 peak 312 TFLOPS (nanoGPT's reference; no figure for this device)"
+
+
+# -----------------------------------------------------------------------------
+# checkpoints of train.py (and nanoGPT)
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save to a temporary file, pushed to the disk, then renamed over path: whenever the
+    machine dies, path holds a whole checkpoint (the old one or the new one)."""
+    with open(path + '.tmp', 'wb') as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
+
+
+def load_checkpoint(path, device, **overrides):
+    """Load a checkpoint written by train.py into a GPT on device. Returns (model, checkpoint).
+    overrides change settings that do not touch the weights (dropout, flash)."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or holding objects that are not plain data
+        first_line = (str(e).strip().splitlines() or [''])[0]
+        raise ValueError(f"cannot load checkpoint {path} ({type(e).__name__}: {first_line})") from None
+    if not isinstance(checkpoint, dict) or not {'model', 'model_args', 'iter_num'} <= checkpoint.keys():
+        raise ValueError(f"cannot load checkpoint {path}: it is not one written by train.py or nanoGPT "
+                         f"(no 'model', 'model_args' and 'iter_num' in it)")
+    model = GPT(GPTConfig(**dict(checkpoint['model_args'], **overrides)))
+    # a model saved after torch.compile has its names prefixed with '_orig_mod.'
+    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
+    model.load_state_dict(state_dict)
+    model.to(device)
+    return model, checkpoint
+
+
+# -----------------------------------------------------------------------------
+# GPT-2's weights in the Hugging Face layout (export_hf.py writes it). It differs from model.py's in two
+# ways: names may lack the 'transformer.' prefix, and c_attn, c_proj and c_fc store their weights
+# transposed, (in, out), because OpenAI's code multiplied by them through a "Conv1D" layer, not nn.Linear.
+
+# the hub's GPT-2s as (n_layer, n_head, n_embd): 124M, 350M, 774M and 1558M parameters
+GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024),
+              'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600)}
+HF_CONV1D = ('c_attn.weight', 'c_proj.weight', 'c_fc.weight')  # weights HF's GPT-2 stores transposed, (in, out)
+HF_GELU = {'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu': 'exact'}  # activation_function -> GPTConfig.gelu
+
+
+def download_gpt2(name):
+    """The hub's GPT-2 folder, cached by huggingface_hub (which reads HF_ENDPOINT and HF_HUB_OFFLINE)."""
+    if name not in GPT2_SIZES:
+        raise ValueError(f"'{name}' is not a folder, nor one of {', '.join(GPT2_SIZES)}")
+    try:
+        from huggingface_hub import snapshot_download  # comes with transformers
+    except ImportError:
+        raise ImportError(f"downloading '{name}' needs the Hugging Face hub client: pip install transformers") from None
+    repo = f'openai-community/{name}'  # where OpenAI's models live on the hub ('gpt2' alone is a redirect)
+    try:
+        return snapshot_download(repo, allow_patterns=['config.json', 'model.safetensors'])
+    except Exception as e:  # offline, a proxy, a wrong HF_ENDPOINT, a revoked repo...
+        first_line = (str(e).strip().splitlines() or [''])[0]
+        raise ValueError(f"cannot download '{name}' from the Hugging Face hub ({type(e).__name__}: {first_line}); "
+                         f"where it is reachable, run 'hf download {repo} config.json model.safetensors "
+                         f"--local-dir {name}', copy that folder here and pass its path instead") from None
+
+
+def read_config(folder):
+    """GPTConfig's arguments for the GPT-2 of a folder's config.json (transformers' GPT2Config)."""
+    path = os.path.join(folder, 'config.json')
+    try:
+        with open(path, encoding='utf-8') as f:
+            hf = json.load(f)
+        args = dict(n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'], block_size=hf['n_positions'],
+                    vocab_size=hf['vocab_size'], bias=True, gelu=HF_GELU.get(hf.get('activation_function', 'gelu_new')))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # no file, not JSON, a missing key, not a dict
+        raise ValueError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e})") from None
+    # refuse the settings this model does not compute, rather than give other logits
+    unsupported = [f"{k}={hf.get(k)!r}" for k, ok in [
+        ('model_type', hf.get('model_type') == 'gpt2'),
+        ('activation_function', args['gelu'] is not None),
+        ('n_inner', hf.get('n_inner') in (None, 4 * hf['n_embd'])),
+        ('layer_norm_epsilon', hf.get('layer_norm_epsilon', 1e-5) == 1e-5),
+        ('scale_attn_weights', hf.get('scale_attn_weights', True)),
+        ('scale_attn_by_inverse_layer_idx', not hf.get('scale_attn_by_inverse_layer_idx', False)),
+    ] if not ok]
+    if unsupported:
+        raise ValueError(f"{path}: this GPT does not implement {', '.join(unsupported)}")
+    return args
+
+
+def read_files(folder):
+    """{name: tensor} of a Hugging Face folder: model.safetensors or pytorch_model.bin, or the
+    shards of a large model (model-00001-of-00003.safetensors, ...)."""
+    paths = (sorted(glob.glob(os.path.join(glob.escape(folder), 'model*.safetensors'))) or
+             sorted(glob.glob(os.path.join(glob.escape(folder), 'pytorch_model*.bin'))))
+    if not paths:
+        raise ValueError(f"{folder} has no model.safetensors nor pytorch_model.bin")
+    if paths[0].endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"reading {paths[0]} needs safetensors: pip install safetensors") from None
+    else:  # weights_only: the file can hold only tensors, so loading it never runs code (a pickle can)
+        load_file = lambda path: torch.load(path, map_location='cpu', weights_only=True)
+    state_dict = {}
+    for path in paths:
+        try:
+            state_dict.update(load_file(path))
+        except Exception as e:  # truncated, or not what its name says
+            first_line = (str(e).strip().splitlines() or [''])[0]
+            raise ValueError(f"cannot read {path} ({type(e).__name__}: {first_line})") from None
+    return state_dict
+
+
+def read_weights(folder):
+    """The weights of a folder as model.py's GPT names them: its state_dict (lm_head tied to wte)."""
+    weights = read_files(folder)
+    lm_head = weights.pop('lm_head.weight', None)  # absent when saved tied, as transformers does
+    state_dict = {}
+    for k, v in weights.items():
+        k = k.removeprefix('transformer.')  # GPT2LMHeadModel's files say transformer.h.0..., GPT2Model's h.0...
+        if k.endswith(('.attn.bias', '.attn.masked_bias')):
+            continue  # the causal mask, which older transformers saved as a buffer: not a weight
+        state_dict['transformer.' + k] = v.t() if k.endswith(HF_CONV1D) else v  # Conv1D's (in, out) -> (out, in)
+    wte = state_dict.get('transformer.wte.weight')
+    if wte is not None:
+        if lm_head is not None and not torch.equal(lm_head, wte):
+            raise ValueError(f"{folder}: lm_head differs from wte, but this GPT ties them (weight tying, as GPT-2)")
+        state_dict['lm_head.weight'] = wte
+    return state_dict
+
+
+def from_pretrained(name_or_path, override_args=None):
+    """GPT-2's weights: 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' from the Hugging Face hub, or a
+    local folder in its layout (config.json, model.safetensors or pytorch_model.bin). override_args may
+    set what leaves the weights alone: dropout (default 0.0), flash."""
+    override_args = override_args or {}
+    if set(override_args) - {'dropout', 'flash'}:
+        raise ValueError(f"from_pretrained overrides only dropout and flash, not {sorted(override_args)}")
+    folder = name_or_path if os.path.isdir(name_or_path) else download_gpt2(name_or_path)
+    model = GPT(GPTConfig(**{**read_config(folder), 'dropout': 0.0, **override_args}))
+    try:
+        model.load_state_dict(read_weights(folder))  # copies, casting float16/bfloat16 files to float32
+    except RuntimeError as e:  # missing or unexpected names, other shapes: torch's message lists them
+        message = ' '.join(str(e).split())[:300]  # in one line
+        raise ValueError(f"{folder}: the weights do not fit its config.json ({message})") from None
+    return model
+
+
+# -----------------------------------------------------------------------------
+# one call: a ready model and its tokenizer, from wherever it is
+
+
+def find_checkpoint(out_dir, ckpt_name='ckpt.pt'):
+    """out_dir/ckpt_name; for ckpt.pt, out_dir/last.pt when a run stopped before its first evaluation."""
+    path = os.path.join(out_dir, ckpt_name)
+    if not os.path.isfile(path) and ckpt_name == 'ckpt.pt' and os.path.isfile(os.path.join(out_dir, 'last.pt')):
+        path = os.path.join(out_dir, 'last.pt')
+        print(f"(no ckpt.pt yet: using {path})")
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}: train one first (python train.py ...), or fix --out_dir")
+    return path
+
+
+def load_model(source, device='cpu', ckpt_name='ckpt.pt', **overrides):
+    """(model, tokenizer, checkpoint) from source, in eval mode on device:
+    - a run's out_dir (train.py's or nanoGPT's): its ckpt_name, with the tokenizer of its dataset;
+    - a checkpoint file (path/to/last.pt), likewise;
+    - 'gpt2' ... 'gpt2-xl' or a Hugging Face folder (config.json): GPT-2's weights and BPE (checkpoint None).
+    overrides: dropout, flash (eval mode turns dropout off anyway). A ValueError or DataError says in one
+    line what is wrong; an ImportError names the pip install a Hugging Face folder or download needs."""
+    if source in GPT2_SIZES or os.path.isfile(os.path.join(source, 'config.json')):
+        model = from_pretrained(source, overrides)
+        tok = gpt2_tokenizer()
+        if model.config.vocab_size != tok.n_vocab:
+            raise ValueError(f"{source} has a vocabulary of {model.config.vocab_size:,} tokens, not GPT-2's "
+                             f"{tok.n_vocab:,}: load the checkpoint it was exported from instead")
+        checkpoint = None
+    else:
+        path = source if os.path.isfile(source) else find_checkpoint(source, ckpt_name)
+        model, checkpoint = load_checkpoint(path, device, **overrides)
+        dataset = checkpoint.get('config', {}).get('dataset')
+        if dataset is None:
+            raise ValueError(f"{path} does not say which dataset it was trained on (config['dataset'])")
+        data_dir = os.path.join(DATA_DIR, dataset)
+        meta = load_meta(data_dir)
+        tok = load_tokenizer(meta, data_dir)
+        if meta['vocab_size'] > model.config.vocab_size:
+            raise DataError(f"data/{dataset} now has a vocabulary of {meta['vocab_size']:,}, but the model was "
+                            f"trained on {model.config.vocab_size:,}: prepare the dataset again as it was for this model")
+    model.to(device)
+    model.eval()
+    return model, tok, checkpoint

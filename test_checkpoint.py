@@ -1,0 +1,201 @@
+"""
+checkpoint.py: checkpoints loaded back into the same model (also nanoGPT's '_orig_mod.' names and a
+file written before the code was split into modules), the one-call loader from every source, the
+device and precision choice; and the layout: model.py imports no project file, and no file imports
+in a circle or from a command (DESIGN.md, Layout).
+"""
+
+import ast
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint as C
+from test_model import one_thread, random_idx, tiny  # noqa: F401 (one_thread is an autouse fixture)
+from test_scripts import ROOT, TINY, logged, repo, run  # noqa: F401 (repo is a fixture)
+
+
+def save_checkpoint(m, path, prefix=''):
+    """A checkpoint shaped like train.py's."""
+    torch.save({
+        'model': {prefix + k: v for k, v in m.state_dict().items()},
+        'model_args': dataclasses.asdict(m.config),
+        'config': {},
+        'iter_num': 0,
+    }, path)
+
+
+@pytest.mark.parametrize('prefix', ['', '_orig_mod.'])
+def test_load_checkpoint(tmp_path, prefix):
+    """load_checkpoint restores the weights (also with torch.compile's '_orig_mod.' names)."""
+    m = tiny()
+    path = tmp_path / 'ckpt.pt'
+    save_checkpoint(m, path, prefix)
+    loaded, checkpoint = C.load_checkpoint(path, 'cpu')
+    loaded.eval()
+    assert checkpoint['iter_num'] == 0
+    assert loaded.config == m.config
+    idx = random_idx()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx, idx)[0], m(idx, idx)[0], atol=0, rtol=0)
+    # the loaded model still ties its embedding and output weights
+    assert loaded.transformer.wte.weight.data_ptr() == loaded.lm_head.weight.data_ptr()
+
+
+def test_load_checkpoint_overrides(tmp_path):
+    """Overrides such as dropout reach the loaded model's config and layers; the weights are unchanged."""
+    m = tiny()
+    path = tmp_path / 'ckpt.pt'
+    save_checkpoint(m, path)
+    loaded, _ = C.load_checkpoint(path, 'cpu', dropout=0.1, flash=False)
+    assert loaded.config.dropout == 0.1 and loaded.config.flash is False
+    assert loaded.transformer.drop.p == 0.1
+    assert loaded.transformer.h[0].attn.dropout == 0.1 and not loaded.transformer.h[0].attn.flash
+    loaded.eval()
+    idx = random_idx()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx, idx)[0], m(idx, idx)[0], atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# device and precision helpers
+
+no_cuda = not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not no_cuda or torch.backends.mps.is_available(), reason='this machine has a GPU')
+def test_pick_device_auto_is_cpu_without_gpu():
+    """With neither CUDA nor MPS, 'auto' means the CPU."""
+    assert C.pick_device('auto') == 'cpu'
+    assert C.pick_device('cpu') == 'cpu'
+
+
+@pytest.mark.skipif(not no_cuda, reason='CUDA is available here')
+def test_pick_device_cuda_unavailable():
+    """Asking for CUDA on a machine without it is refused with the devices that do exist."""
+    with pytest.raises(ValueError) as excinfo:
+        C.pick_device('cuda')
+    message = str(excinfo.value)
+    assert 'cuda' in message and 'available' in message and 'cpu' in message, message
+
+
+def test_pick_dtype(monkeypatch):
+    """'auto' on the CPU is bfloat16 where the processor has native bf16 matmuls, float32
+    elsewhere (there CPU autocast is slower than float32); an explicit dtype is kept; an
+    unknown one is refused by name."""
+    for native, expected in ((True, 'bfloat16'), (False, 'float32')):
+        monkeypatch.setattr(C, 'cpu_has_bf16', lambda: native)
+        assert C.pick_dtype('auto', 'cpu') == expected
+        assert C.pick_dtype('auto', 'mps') == 'float32'
+    for dtype in ('float32', 'bfloat16', 'float16'):
+        assert C.pick_dtype(dtype, 'cpu') == dtype
+    with pytest.raises(ValueError, match='float8'):
+        C.pick_dtype('float8', 'cpu')
+
+
+# -----------------------------------------------------------------------------
+# a checkpoint written by the code before it was split into modules (commit 079e91b): train.py with
+# --n_layer=1 --n_head=2 --n_embd=16 --block_size=16 --batch_size=4 --rope=True --rmsnorm=True
+# --bias=False --dropout=0.1 --learning_rate=1e-2 --decay_lr=False --max_iters=4 (last.pt at iteration 4).
+# That code, resumed to 6 iterations, logged these losses (its log.jsonl); sampling gave these texts.
+OLD = os.path.join(ROOT, 'data', 'fixtures', 'ckpt_before_modules.pt')
+OLD_FLAGS = [*TINY, '--rope=True', '--rmsnorm=True', '--bias=False', '--dropout=0.1', '--learning_rate=1e-2',
+             '--decay_lr=False', '--eval_interval=2', '--plot=False']
+OLD_LOSSES = {4: 3.8132057189941406, 5: 3.6326351165771484}
+OLD_VALS = [3.9245657920837402, 3.849414587020874]  # at 4 (the resumed run evaluates first) and 6
+OLD_SAMPLES = {'0.8': 'ROMEO:YRLZL&KMG-:$frHsxuOjOu.\nEEVCCe', '0': 'ROMEO:' + 'X' * 30}
+
+
+def test_a_checkpoint_of_the_old_code_samples_and_resumes(repo):
+    """Format unchanged: the old file samples the same texts and resumes to the same losses, bit for bit."""
+    os.makedirs(repo / 'out-old', exist_ok=True)
+    with open(OLD, 'rb') as src, open(repo / 'out-old' / 'last.pt', 'wb') as dst:
+        dst.write(src.read())
+    for temperature, text in OLD_SAMPLES.items():
+        p = run(repo, 'sample.py', '--out_dir=out-old', '--ckpt_name=last.pt', '--device=cpu', '--dtype=float32',
+                '--max_new_tokens=30', '--num_samples=1', '--start=ROMEO:', f'--temperature={temperature}')
+        assert p.stdout.split('\n---------------')[0] == text
+    run(repo, 'train.py', *OLD_FLAGS, '--out_dir=out-old', '--init_from=resume', '--max_iters=6')
+    records = [json.loads(line) for line in (repo / 'out-old' / 'log.jsonl').read_text().splitlines()]
+    assert {r['iter']: r['loss'] for r in records if 'loss' in r} == OLD_LOSSES
+    assert [r['val_loss'] for r in records if 'val_loss' in r] == OLD_VALS
+
+
+# -----------------------------------------------------------------------------
+# load_model: a ready model and its tokenizer from each kind of source
+
+
+def test_load_model_from_a_folder_a_file_and_last_pt(repo, capsys, monkeypatch):
+    """A run's folder (its ckpt.pt, else last.pt), a checkpoint file: the same weights, in eval mode,
+    with the dataset's tokenizer; a missing one is a one-line ValueError naming the path."""
+    run(repo, 'train.py', *TINY, '--max_iters=2', '--out_dir=out-load')
+    os.remove(repo / 'out-load' / 'ckpt.pt')  # as if stopped before its first evaluation
+    monkeypatch.setattr(C, 'DATA_DIR', str(repo / 'data'))  # the copy's prepared data
+    model, tok, ckpt = C.load_model(str(repo / 'out-load'))
+    assert 'no ckpt.pt yet' in capsys.readouterr().out and ckpt['iter_num'] == 2  # last.pt
+    assert not model.training and tok.n_vocab == 65 and tok.decode(tok.encode('ROMEO:')) == 'ROMEO:'
+    same, _, _ = C.load_model(str(repo / 'out-load' / 'last.pt'))
+    for a, b in zip(model.state_dict().values(), same.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match='no checkpoint at .*out-none.*ckpt.pt'):
+        C.load_model(str(repo / 'out-none'))
+
+
+# -----------------------------------------------------------------------------
+# the layout: one room per idea, imports pointing down
+
+
+PROJECT = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith('.py') and not f.startswith('test_'))
+MODULES = {'model', 'configurator', 'tokenizer', 'checkpoint', 'plot'}  # plot.py: a command that train.py imports too
+
+
+def imports_of(name):
+    """The project files a file imports, at the top or inside a function (ast: the file is not run)."""
+    with open(os.path.join(ROOT, name + '.py'), encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split('.')[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split('.')[0])
+    return found & set(PROJECT)
+
+
+def test_model_py_imports_no_project_file():
+    """python -c 'import model' loads no other file of this project."""
+    code = f"import sys, model; print(sorted(m for m in sys.modules if m in {PROJECT!r} and m != 'model'))"
+    p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == '[]'
+    assert imports_of('model') == set()
+
+
+def test_no_import_cycle_and_modules_import_no_command():
+    graph = {name: imports_of(name) - {name} for name in PROJECT}
+    assert graph['tokenizer'] <= set() and graph['checkpoint'] <= {'model', 'tokenizer'}
+    for name in MODULES:
+        assert graph[name] <= MODULES, f"{name}.py imports a command: {graph[name] - MODULES}"
+    state = {}  # depth-first search: 1 on the current path, 2 done
+
+    def visit(name, path):
+        assert state.get(name) != 1, f"import cycle: {' -> '.join(path + [name])}"
+        if state.get(name) is None:
+            state[name] = 1
+            for dep in sorted(graph[name]):
+                visit(dep, path + [name])
+            state[name] = 2
+    for name in PROJECT:
+        visit(name, [])
+
+
+@pytest.mark.parametrize('name', PROJECT)
+def test_each_file_imports_alone(name):
+    """Each file imports in a fresh interpreter without running anything (no side effects but definitions)."""
+    if name not in MODULES | {'prepare', 'export_hf'}:
+        pytest.skip(f'{name}.py is a script: importing it runs it (it is run as a subprocess elsewhere)')
+    subprocess.run([sys.executable, '-c', f'import {name}'], cwd=ROOT, check=True, timeout=60)
