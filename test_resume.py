@@ -42,8 +42,8 @@ def torchrun(repo, *args):
 def test_resume_is_bit_identical(repo):
     """24 iterations straight, versus 12, stop, resume to 24: the same loss at every step, the same weights."""
     straight = run(repo, 'train.py', *COMMON, '--max_iters=24', '--out_dir=out-r24')
-    first = run(repo, 'train.py', *COMMON, '--max_iters=12', '--out_dir=out-r12')
-    second = run(repo, 'train.py', *COMMON, '--max_iters=24', '--out_dir=out-r12', '--init_from=resume')
+    first = run(repo, 'train.py', *COMMON, '--max_iters=12', '--out_dir=out-r12', '--plot=True')
+    second = run(repo, 'train.py', *COMMON, '--max_iters=24', '--out_dir=out-r12', '--init_from=resume', '--plot=True')
     assert 'max_iters: 12 in the checkpoint, now 24' in second.stdout  # a change that is allowed, and said
     losses = logged(straight.stdout, 'loss')
     assert sorted(losses) == list(range(24))
@@ -153,7 +153,7 @@ def test_two_processes_equal_one(repo, mode):
     args = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=8', '--eval_interval=4', '--learning_rate=1e-3',
             '--warmup_iters=2', '--lr_decay_iters=8']
     one = run(repo, 'train.py', *args, '--out_dir=out-one')
-    two = torchrun(repo, *args, f'--fsdp={mode == "fsdp"}', f'--out_dir=out-{mode}')
+    two = torchrun(repo, *args, f'--fsdp={mode == "fsdp"}', f'--out_dir=out-{mode}', '--plot=True')
     assert two.stdout.count('iter 7:') == 1 and '2 process(es)' in two.stdout
     a, b = weights(repo, 'out-one'), weights(repo, f'out-{mode}')
     assert a.keys() == b.keys()
