@@ -129,7 +129,8 @@ def compile_checked(model, batch, ctx, device, log=print, backend='inductor'):
         with fork_rng(device), ctx:
             _, loss = compiled(*batch)
             loss.backward()
-    except Exception as e:  # torch._dynamo's BackendCompilerFailed wraps whatever the compiler raised
+    except Exception as e:
+        e = getattr(e, 'inner_exception', None) or e  # torch._dynamo's BackendCompilerFailed wraps the compiler's
         first_line = (str(e).strip().splitlines() or [''])[0][:200]
         log(f"torch.compile failed ({type(e).__name__}: {first_line}): training without it (--compile=False)")
         torch._dynamo.reset()
@@ -208,7 +209,7 @@ PEAK_FLOPS = {
 def peak_flops_of(gpu_name):
     """(FLOP/s, name) of the PEAK_FLOPS entry for a GPU's name, or None."""
     for name, flops in PEAK_FLOPS.items():
-        if re.search(rf'(?<![\w-]){re.escape(name)}(?![\w-])', gpu_name):  # whole words: 'L4' is not 'L40S'
+        if re.search(rf'\b{re.escape(name)}\b', gpu_name):  # whole words: 'L4' is not 'L40S'
             return flops, f"{name} peak {flops / 1e12:.0f} TFLOPS"
     return None
 

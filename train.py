@@ -290,9 +290,12 @@ def save(names):
                       iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng_state=rng_state[0])
     if device_type == 'cuda':
         checkpoint['cuda_rng_state'] = rng_state[1]
+    t = time.perf_counter()
     for name in names:  # each written whole, or not at all (checkpoint.py)
         save_checkpoint(checkpoint, os.path.join(out_dir, name))
-    log(f"saved {', '.join(names)} at iteration {iter_num}")
+    dt = time.perf_counter() - t  # torchrun SIGKILLs 30 s after its SIGTERM: a signal's save must fit (docs/devices.md)
+    log(f"saved {', '.join(names)} at iteration {iter_num} ({dt:.1f} s)" + (
+        "; under torchrun a preempted run has 30 s to save: see docs/devices.md" if dt > 10 else ""))
 
 
 @torch.no_grad()
