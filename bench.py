@@ -189,7 +189,7 @@ def bench_train(s):
     B, T = s['batch_size'], s['block_size']
     g = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(0, 65, (B, T + 1), generator=g) for _ in range(8)]
-    batches = [(xy[:, :-1].to(device), xy[:, 1:].to(device)) for xy in seqs]  # (B, T) inputs, targets
+    batches = [(xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)) for xy in seqs]  # (B, T) inputs, targets
     n_threads = torch.get_num_threads()  # the default, or --threads
     runs = {}
     for name in names:

