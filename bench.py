@@ -41,7 +41,7 @@ import time
 import torch
 
 import configurator
-from checkpoint import autocast_context
+from checkpoint import autocast_context, pick_device
 from model import GPT, GPTConfig
 from tokenizer import DATA_DIR, gpt2_encoding
 
@@ -58,6 +58,7 @@ rounds = 5  # train: rounds over the variants (round-robin)
 iters = 10  # train: timed steps per variant in each round
 warmup = 3  # train: untimed steps per variant first (the first one compiles)
 threads = 0  # torch.set_num_threads; 0 keeps torch's default, one per core
+device = 'cpu'  # train and sample: 'cpu' | 'cuda' | 'cuda:1' | 'mps' | 'auto'
 new_tokens = 500  # sample: tokens generated per run
 ways = 'plain,cache,bf16,bf16+cache'  # sample: '+' joins cache (the KV cache) and bf16 (autocast, as sample.py)
 repeats = 3  # sample: runs per way, interleaved
@@ -142,25 +143,40 @@ def bench_prepare():
 
 
 def cpu_seconds():
-    """(busy CPU seconds of the whole machine, of this process) so far, from /proc/stat (Linux).
+    """(busy CPU seconds of the whole machine, of this process) so far, from /proc/stat (Linux; None elsewhere).
     On 2 cores another busy process matters: torch's threads wait for each other at every op."""
-    with open('/proc/stat') as f:
-        ticks = [int(t) for t in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal
+    try:
+        with open('/proc/stat') as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal
+    except OSError:  # macOS, Windows
+        return None
     t = os.times()
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf('SC_CLK_TCK'), t.user + t.system
 
 
 def others_load(start, t0):
-    """The share of all cores other processes kept busy since cpu_seconds() returned start at t0."""
-    (machine, own), (machine0, own0) = cpu_seconds(), start
-    return ((machine - machine0) - (own - own0)) / ((time.perf_counter() - t0) * os.cpu_count())
+    """'other processes kept N% of the C cores busy meanwhile', since cpu_seconds() returned start at t0."""
+    now = cpu_seconds()
+    if now is None or start is None:
+        return "the load of other processes is not measured here (no /proc/stat)"
+    (machine, own), (machine0, own0) = now, start
+    load = ((machine - machine0) - (own - own0)) / ((time.perf_counter() - t0) * os.cpu_count())
+    return f"other processes kept {load:.0%} of the {os.cpu_count()} cores busy meanwhile"
+
+
+def synchronize():
+    """Wait for the device's queued work, so that a time measures it (CUDA and MPS run asynchronously)."""
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    elif device == 'mps':
+        torch.mps.synchronize()
 
 
 def make_model(s, flash=True):
     """A GPT of shape s (a SHAPES entry) at its seeded initialisation, vocab 65 as shakespeare_char."""
     torch.manual_seed(seed)
     return GPT(GPTConfig(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'], block_size=s['block_size'],
-                         vocab_size=65, dropout=s['dropout'], bias=True, flash=flash))
+                         vocab_size=65, dropout=s['dropout'], bias=True, flash=flash)).to(device)
 
 
 def bench_train(s):
@@ -173,7 +189,7 @@ def bench_train(s):
     B, T = s['batch_size'], s['block_size']
     g = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(0, 65, (B, T + 1), generator=g) for _ in range(8)]
-    batches = [(xy[:, :-1].contiguous(), xy[:, 1:].contiguous()) for xy in seqs]  # (B, T) inputs, targets
+    batches = [(xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)) for xy in seqs]  # (B, T) inputs, targets
     n_threads = torch.get_num_threads()  # the default, or --threads
     runs = {}
     for name in names:
@@ -183,9 +199,9 @@ def bench_train(s):
         # configure_optimizers' groups (weight decay on matrices only); 'fused' is what it returns;
         # the plain way is nanoGPT's on a CPU: AdamW's loop over the tensors, one at a time
         groups = [{'params': g['params'], 'weight_decay': g['weight_decay']}
-                  for g in model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu').param_groups]
+                  for g in model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(':')[0]).param_groups]
         opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused='fused' in opts, foreach=False)
-        ctx = autocast_context('cpu', 'bfloat16' if 'bf16' in opts else 'float32')
+        ctx = autocast_context(device, 'bfloat16' if 'bf16' in opts else 'float32')
         fwd = torch.compile(model) if 'compile' in opts else model
         runs[name] = dict(model=model, fwd=fwd, opt=opt, ctx=ctx, opts=opts, times=[], losses=[])
 
@@ -205,7 +221,7 @@ def bench_train(s):
 
     print(f"training steps, shape '{s['name']}': {s['n_layer']} layers x {s['n_head']} heads x {s['n_embd']}, "
           f"block {T}, batch {B}, dropout {s['dropout']}, {runs[names[0]]['model'].get_num_params() / 1e6:.2f}M "
-          f"parameters; torch {torch.__version__}, {n_threads} threads")
+          f"parameters; torch {torch.__version__}, {n_threads} threads, device {device}")
     for name, r in runs.items():  # warm-up; the first step of a compiled model includes compiling it
         r['first'] = step(r, 0)
         for i in range(1, warmup):
@@ -226,11 +242,11 @@ def bench_train(s):
         dt = statistics.median(r['times'])
         print(f"{name:<{w}} {dt * 1e3:8.1f} {B * T / dt:9,.0f} {flops / dt / 1e9:8.1f} {base / dt:8.2f}x "
               f"{r['first']:10.1f}s {r['losses'][-1]:10.4f}")
-    print(f"medians of {rounds} x {iters} steps each, round-robin; other processes kept {load:.0%} of the "
-          f"{os.cpu_count()} cores busy meanwhile. 'first step' includes compiling, shorter when inductor's "
-          f"on-disk cache holds the graph: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 times a cold compile")
+    print(f"medians of {rounds} x {iters} steps each, round-robin; {load}. 'first step' includes compiling, "
+          f"shorter when inductor's on-disk cache holds the graph: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 times a cold "
+          f"compile")
     print(f"reproduce: python bench.py --mode=train --shape={s['name']} --variants={variants} "
-          f"--rounds={rounds} --iters={iters} --warmup={warmup} --threads={threads}")
+          f"--rounds={rounds} --iters={iters} --warmup={warmup} --threads={threads} --device={device}")
 
 
 def bench_sample(s):
@@ -244,16 +260,17 @@ def bench_sample(s):
             configurator.fail(f"unknown way '{name}': join plain, cache, bf16 with '+'")
     times = {(n, w): [] for n, _ in lengths for w in names}
     outs = {}
-    idx = torch.zeros((1, 1), dtype=torch.long)  # a one-token prompt, as sample.py's default "\n"
+    idx = torch.zeros((1, 1), dtype=torch.long, device=device)  # a one-token prompt, as sample.py's default "\n"
     model.generate(idx, 8)  # warm-up
     load0 = cpu_seconds(), time.perf_counter()
     for _ in range(repeats):
         for n, w in times:
             torch.manual_seed(seed)
-            ctx = autocast_context('cpu', 'bfloat16' if 'bf16' in w else 'float32')
+            ctx = autocast_context(device, 'bfloat16' if 'bf16' in w else 'float32')
             t0 = time.perf_counter()
             with ctx:  # for the whole call, as sample.py does
                 outs[n, w] = model.generate(idx, n, temperature=0.8, top_k=200, use_cache='cache' in w)
+            synchronize()
             times[n, w].append(time.perf_counter() - t0)
 
     print(f"generate(), shape '{s['name']}': {s['n_layer']} layers x {s['n_head']} heads x {s['n_embd']}, "
@@ -266,15 +283,18 @@ def bench_sample(s):
             same = 'yes' if torch.equal(outs[n, w], outs[n, names[0]]) else 'no'
             print(f"{n:>4} ({label + ')':<22} {w:<12} {n / t:9,.1f} {base / t:8.2f}x {same:>21}")
     print(f"medians of {repeats} interleaved runs each, ratios to '{names[0]}'; past block_size every way runs a "
-          f"full forward per token; other processes kept {others_load(*load0):.0%} of the {os.cpu_count()} "
-          f"cores busy meanwhile")
+          f"full forward per token; {others_load(*load0)}")
     print(f"reproduce: python bench.py --mode=sample --shape={s['name']} --new_tokens={new_tokens} "
-          f"--repeats={repeats} --ways={ways} --threads={threads}")
+          f"--repeats={repeats} --ways={ways} --threads={threads} --device={device}")
 
 
 if mode == 'prepare':
     bench_prepare()
 elif mode in ('train', 'sample'):
+    try:
+        device = pick_device(device)
+    except ValueError as e:
+        configurator.fail(e)
     if threads > 0:
         torch.set_num_threads(threads)
     name = shape if shape != 'auto' else {'train': 'cpu', 'sample': 'baby'}[mode]

@@ -14,11 +14,15 @@ plain tensors and values only, so it loads with weights_only=True and loading ne
 """
 
 import glob
+import importlib.util
+import inspect
 import json
 import os
 import re
+import zipfile
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 from model import GPT, GPTConfig
@@ -49,17 +53,127 @@ def cpu_has_bf16():
     return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
 
 
+def use_device(device, local_rank=None, gpus=None):
+    """The device of this process, made current: under torchrun (local_rank given) GPU number local_rank of
+    its machine. torch.cuda.set_device for any CUDA device, so that what asks the 'current' GPU (the random
+    state, is_bf16_supported, pinned memory, NCCL) asks this one, not GPU 0. gpus: how many are visible
+    (None asks torch)."""
+    if not device.startswith('cuda'):
+        return device
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    index = local_rank if local_rank is not None else int(device.partition(':')[2] or 0)
+    if index >= gpus and local_rank is not None:  # rather than torch's 'invalid device ordinal' from deep inside
+        raise ValueError(f"process {local_rank} of this machine has no GPU: {gpus} visible (CUDA_VISIBLE_DEVICES); "
+                         f"start at most --nproc_per_node={gpus}")
+    if index >= gpus:
+        raise ValueError(f"device '{device}' does not exist: {gpus} GPU(s) visible, so cuda:0 to cuda:{gpus - 1}")
+    device = f'cuda:{index}'
+    torch.cuda.set_device(device)
+    return device
+
+
+def cuda_bf16_native(device):
+    """bfloat16 in the tensor cores (compute capability 8.0+: A100, RTX 30xx and later) on this CUDA device.
+    torch.cuda.is_bf16_supported() alone also says True where bf16 is only emulated (V100, T4, RTX 20xx:
+    slow, no tensor cores) unless including_emulation=False (PyTorch 2.3+); it asks about the current
+    device, which use_device has set."""
+    if 'including_emulation' in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.version.hip is not None or tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
+
+
 def pick_dtype(dtype, device):
-    """'auto': bfloat16 on GPUs that have it, float16 on older GPUs (with a GradScaler), bfloat16 on
+    """'auto': bfloat16 on GPUs that have it natively, float16 on older GPUs (with a GradScaler), bfloat16 on
     CPUs with native bf16 (on a 2-core AVX512-BF16 EPYC, with flash=False: 1.5-1.8x float32's
-    training speed, same loss; bench.py --mode=train), else float32."""
+    training speed, same loss; bench.py --mode=train), else float32. After use_device."""
     if dtype == 'auto':
         if device.startswith('cuda'):
-            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+            return 'bfloat16' if cuda_bf16_native(device) else 'float16'
         return 'bfloat16' if device == 'cpu' and cpu_has_bf16() else 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise ValueError(f"dtype '{dtype}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
     return dtype
+
+
+def pick_compile(compile, device, capability=None, triton=None):
+    """torch.compile or not, as a bool. 'auto' compiles only where its default backend can work: inductor
+    writes Triton kernels for a GPU, so CUDA with Triton installed (PyTorch's Windows wheels come without it)
+    on compute capability 7.0+ (Triton refuses older GPUs: torch raises GPUTooOldForTriton). On a CPU
+    compile gains 1.01-1.06x after 7-50 s, so 'auto' leaves it off. capability, triton: None asks torch."""
+    choice = str(compile).lower()
+    if choice not in ('auto', 'true', 'false'):
+        raise ValueError(f"compile must be 'auto', True or False, not '{compile}'")
+    if choice != 'auto':
+        return choice == 'true'
+    if not device.startswith('cuda'):
+        return False
+    triton = importlib.util.find_spec('triton') is not None if triton is None else triton
+    capability = torch.cuda.get_device_capability(device) if capability is None else capability
+    return triton and tuple(capability) >= (7, 0)
+
+
+def pick_backend(device, nccl=None):
+    """torch.distributed's backend: NCCL between GPUs where PyTorch has it (not on Windows), else Gloo
+    (CPU processes, which is how the tests run this path, and GPUs on Windows). nccl: None asks torch."""
+    nccl = torch.distributed.is_nccl_available() if nccl is None else nccl
+    return 'nccl' if device.startswith('cuda') and nccl else 'gloo'
+
+
+def compile_checked(model, batch, ctx, device, log=print, backend='inductor'):
+    """torch.compile(model), tried on one forward and backward of batch (x, y), which is when compiling
+    happens: the compiled model, or, where that fails (a compiler or Triton missing, a GPU it does not
+    support), model itself after one line saying why. The random state is put back and the gradients
+    dropped, so the run is the one it would have been."""
+    compiled = torch.compile(model, backend=backend)
+    try:
+        with fork_rng(device), ctx:
+            _, loss = compiled(*batch)
+            loss.backward()
+    except Exception as e:
+        e = getattr(e, 'inner_exception', None) or e  # torch._dynamo's BackendCompilerFailed wraps the compiler's
+        first_line = (str(e).strip().splitlines() or [''])[0][:200]
+        log(f"torch.compile failed ({type(e).__name__}: {first_line}): training without it (--compile=False)")
+        torch._dynamo.reset()
+        compiled = model
+    for p in model.parameters():
+        p.grad = None
+    return compiled
+
+
+def fork_rng(device):
+    """A context that puts back the random state of the CPU and of device (CUDA or MPS) when it ends."""
+    kind = device.split(':')[0]
+    if kind in ('cuda', 'mps'):
+        return torch.random.fork_rng(devices=[device], device_type=kind)
+    return torch.random.fork_rng(devices=[])
+
+
+def step_seed(seed, iter_num, micro_step):
+    """The seed of the dropout masks of one global micro-step: like its batch (DESIGN.md, Determinism) a pure
+    function of (seed, iter_num, global micro-step index). So the processes of a run draw different masks
+    (one seed for all would correlate the noise across the global batch), 2 processes draw the masks 1
+    process does, and a resumed run draws the masks the uninterrupted one did, on every device type."""
+    return int(np.random.SeedSequence([seed, 3, iter_num, micro_step]).generate_state(1, np.uint64)[0])
+
+
+def without_fused(optimizer):
+    """optimizer rebuilt on its parameter groups without the fused kernel. FSDP's ShardedGradScaler.unscale_
+    makes a found_inf of shape (1,), which the fused AdamW step refuses ('output with shape [] doesn't match
+    the broadcast shape [1]', PyTorch issue 140514): train.py uses this under FSDP + float16."""
+    if not optimizer.defaults.get('fused'):
+        return optimizer
+    kind = type(optimizer)
+    settings = {k: v for k, v in optimizer.defaults.items() if k in inspect.signature(kind).parameters}
+    return kind([dict(g, fused=False) for g in optimizer.param_groups], **dict(settings, fused=False))
+
+
+def check_accumulation(steps, world):
+    """gradient_accumulation_steps counts the micro-batches of all processes together: each takes steps / world."""
+    if steps % world:
+        below, above = (steps // world) * world, (steps // world + 1) * world
+        nearest = f"{below} or {above}" if below else f"{above}"
+        raise ValueError(f"gradient_accumulation_steps {steps} is not divisible by the {world} processes: make it "
+                         f"a multiple of {world} (the nearest: {nearest}; batch_size x block_size x it = tokens per step)")
 
 
 def autocast_context(device, dtype):
@@ -70,11 +184,20 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
 
 
-# Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
+# Dense (not 2:4 sparse) bf16 tensor-core peaks from NVIDIA's datasheets, in FLOP/s; the first name that
+# appears as whole words in torch.cuda.get_device_name wins, so the longer names come first.
 PEAK_FLOPS = {
-    'H100': 989e12,  # SXM
+    'B200': 2250e12,  # HGX B200 datasheet: 36 PFLOPS sparse FP16/BF16 for 8 GPUs
+    'H200 NVL': 835e12,  # H200 datasheet: 1,671 TFLOPS sparse
+    'H200': 989e12,  # H200 SXM (device name 'NVIDIA H200'): 1,979 TFLOPS sparse
+    'GH200': 989e12,  # GH200 Grace Hopper datasheet: 1,979 TFLOPS sparse (the H100/H200 GPU)
+    'H100 NVL': 835e12,  # H100 datasheet, NVL column: 1,671 TFLOPS sparse
+    'H100 PCIe': 756e12,  # H100 datasheet, PCIe column: 1,513 TFLOPS sparse
+    'H100': 989e12,  # SXM ('NVIDIA H100 80GB HBM3'): 1,979 TFLOPS sparse
     'A100': 312e12,
+    'L40S': 362e12,  # L40S datasheet: 362.05 TFLOPS (733 sparse)
     'A10G': 125e12,
+    'A10': 125e12,  # A10 datasheet: 125 TFLOPS (250 sparse)
     'L4': 121e12,
     'RTX 4090': 165e12,
     'RTX 3090': 71e12,
@@ -83,15 +206,19 @@ PEAK_FLOPS = {
 }
 
 
+def peak_flops_of(gpu_name):
+    """(FLOP/s, name) of the PEAK_FLOPS entry for a GPU's name, or None."""
+    for name, flops in PEAK_FLOPS.items():
+        if re.search(rf'\b{re.escape(name)}\b', gpu_name):  # whole words: 'L4' is not 'L40S'
+            return flops, f"{name} peak {flops / 1e12:.0f} TFLOPS"
+    return None
+
+
 def peak_flops(device):
     """(FLOP/s, name) of the reference MFU is measured against. Unknown devices, the CPU
     included, fall back to nanoGPT's reference, the A100's bf16 peak of 312 TFLOPS."""
-    if device.startswith('cuda'):
-        gpu = torch.cuda.get_device_name(device)
-        for name, flops in PEAK_FLOPS.items():
-            if re.search(rf'\b{re.escape(name)}\b', gpu):  # whole words: 'L4' is not 'L40S'
-                return flops, f"{name} peak {flops / 1e12:.0f} TFLOPS"
-    return 312e12, "A100 bf16 peak 312 TFLOPS (nanoGPT's reference; no figure for this device)"
+    found = peak_flops_of(torch.cuda.get_device_name(device)) if device.startswith('cuda') else None
+    return found or (312e12, "A100 bf16 peak 312 TFLOPS (nanoGPT's reference; no figure for this device)")
 
 
 # -----------------------------------------------------------------------------
@@ -108,23 +235,33 @@ def save_checkpoint(checkpoint, path):
     os.replace(path + '.tmp', path)
 
 
-def load_checkpoint(path, device, **overrides):
+def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     """Load a checkpoint written by train.py into a GPT on device. Returns (model, checkpoint).
-    overrides change settings that do not touch the weights (dropout, flash)."""
+    optimizer=False drops the optimizer's state (AdamW's two moments: twice the weights) unread.
+    overrides change settings that do not touch the weights (dropout, flash).
+    mmap: the file is mapped, not read (torch.load(mmap=True)): a tensor takes memory once it is used,
+    so what is dropped never does; the model is made on the 'meta' device and takes the file's tensors
+    (assign=True) instead of copies, then moves to device. On the CPU its weights are then the file's pages
+    (copy-on-write: training changes memory, never the file), which train.py avoids (mmap=False)."""
+    mmap = mmap and zipfile.is_zipfile(path)  # torch.save's format since PyTorch 1.6; older files are read whole
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, not a checkpoint, or holding objects that are not plain data
         first_line = (str(e).strip().splitlines() or [''])[0]
         raise ValueError(f"cannot load checkpoint {path} ({type(e).__name__}: {first_line})") from None
     if not isinstance(checkpoint, dict) or not {'model', 'model_args', 'iter_num'} <= checkpoint.keys():
         raise ValueError(f"cannot load checkpoint {path}: it is not one written by train.py or nanoGPT "
                          f"(no 'model', 'model_args' and 'iter_num' in it)")
-    model = GPT(GPTConfig(**dict(checkpoint['model_args'], **overrides)))
+    if not optimizer:
+        checkpoint.pop('optimizer', None)
     # a model saved after torch.compile has its names prefixed with '_orig_mod.'
-    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
-    model.load_state_dict(state_dict)
+    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()}
+    with torch.device('meta'):  # shapes only: no memory, no time spent on an initialisation overwritten next
+        model = GPT(GPTConfig(**dict(checkpoint['model_args'], **overrides)))
+    model.load_state_dict(state_dict, assign=True)
+    model.transformer.wte.weight = model.lm_head.weight  # tied again: assign gave each name its own Parameter
     model.to(device)
-    return model, checkpoint
+    return model, checkpoint  # without 'model': its tensors are the model's now
 
 
 # -----------------------------------------------------------------------------
@@ -271,7 +408,7 @@ def load_model(source, device='cpu', ckpt_name='ckpt.pt', **overrides):
         checkpoint = None
     else:
         path = source if os.path.isfile(source) else find_checkpoint(source, ckpt_name)
-        model, checkpoint = load_checkpoint(path, device, **overrides)
+        model, checkpoint = load_checkpoint(path, device, optimizer=False, **overrides)  # the weights alone
         dataset = checkpoint.get('config', {}).get('dataset')
         if dataset is None:
             raise ValueError(f"{path} does not say which dataset it was trained on (config['dataset'])")

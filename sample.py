@@ -17,7 +17,7 @@ import os
 import torch
 
 import configurator
-from checkpoint import autocast_context, load_model, pick_device, pick_dtype
+from checkpoint import autocast_context, load_model, pick_device, pick_dtype, use_device
 from configurator import fail
 from tokenizer import DataError
 
@@ -41,7 +41,7 @@ dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16'
 configurator.configure(globals())
 
 try:
-    device = pick_device(device)
+    device = use_device(pick_device(device))  # cuda:1 made current: its random state, its bf16 answer
     dtype = pick_dtype(dtype, device)
 except ValueError as e:
     fail(e)

@@ -173,4 +173,4 @@ def test_accumulation_not_divisible_by_processes(repo):
                        cwd=repo, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert 'gradient_accumulation_steps 3 is not divisible by the 2 processes' in p.stderr
-    assert p.stderr.count('gradient_accumulation_steps 3') == 1  # one line, from one process
+    assert p.stderr.count('error: gradient_accumulation_steps 3') == 1  # one line from rank 0 (others name their rank)

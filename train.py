@@ -18,7 +18,6 @@ import dataclasses
 import math
 import os
 import signal
-import sys
 import time
 
 import numpy as np
@@ -26,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from checkpoint import (autocast_context, from_pretrained, load_checkpoint, peak_flops, pick_device, pick_dtype,
-                        save_checkpoint)
+from checkpoint import (autocast_context, check_accumulation, compile_checked, fork_rng, from_pretrained,
+                        load_checkpoint, peak_flops, pick_backend, pick_compile, pick_device, pick_dtype, save_checkpoint,
+                        step_seed, use_device, without_fused)
 from model import GPT, GPTConfig
 from plot import RunLog
 from tokenizer import DATA_DIR, DataError, load_meta, load_tokenizer
@@ -94,7 +94,7 @@ config = configurator.configure(globals())  # config files and --key=value flags
 ddp = 'RANK' in os.environ  # torchrun starts one process per GPU (or CPU worker) and tells each its RANK and WORLD_SIZE
 rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
 master = rank == 0  # the one process that logs and writes checkpoints
-fail = configurator.fail if master else (lambda message: sys.exit(1))  # the others found it too: they exit quietly
+fail = configurator.fail if master else (lambda message: configurator.fail(f"(rank {rank}) {message}"))
 log = print if master else (lambda *args, **kwargs: None)
 for name in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
     if config[name] < 1:
@@ -103,24 +103,16 @@ for name in ('max_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip'
              'checkpoint_interval'):
     if config[name] < 0:
         fail(f"{name} must not be negative, not {config[name]}")
-if gradient_accumulation_steps % world:
-    fail(f"gradient_accumulation_steps {gradient_accumulation_steps} is not divisible by the {world} processes: "
-         f"make it a multiple of {world}")
 micro_steps = gradient_accumulation_steps // world  # this process's share of each optimizer step
 try:
-    device = pick_device(device)
-    dtype = pick_dtype(dtype, device)
+    check_accumulation(gradient_accumulation_steps, world)
+    device = use_device(pick_device(device), local_rank if ddp else None)  # under torchrun, each process its GPU
+    dtype = pick_dtype(dtype, device)  # for this GPU (use_device made it current)
+    compile = pick_compile(compile, device)
 except ValueError as e:
     fail(e)
-compile_choice = {'auto': device.startswith('cuda'), 'true': True, 'false': False}.get(compile.lower())
-if compile_choice is None:
-    fail(f"compile must be 'auto', True or False, not '{compile}'")
-compile = compile_choice
-if ddp and device.startswith('cuda'):
-    device = f'cuda:{local_rank}'  # one GPU per process
-    torch.cuda.set_device(device)
-if ddp:  # NCCL between GPUs; Gloo between CPU processes (which is how the tests run this path)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+if ddp:  # NCCL between GPUs (Gloo on Windows); Gloo between CPU processes (which is how the tests run this path)
+    dist.init_process_group(backend=pick_backend(device))
 config.update(device=device, dtype=dtype, compile=compile)  # the resolved values go into the checkpoint
 device_type = device.split(':')[0]  # 'cuda' | 'mps' | 'cpu', for autocast and the optimizer
 torch.manual_seed(seed)  # the same on every process: the same initial weights everywhere
@@ -189,7 +181,8 @@ elif init_from == 'resume':
         fail(f"no checkpoint to resume in {out_dir}: train with --init_from=scratch first, or fix --out_dir")
     log(f"resuming from {ckpt_path}")
     try:  # dropout and the attention path may change on resume; the weights' shapes may not
-        model, checkpoint = load_checkpoint(ckpt_path, device, dropout=dropout, flash=flash)
+        model, checkpoint = load_checkpoint(ckpt_path, 'cpu' if ddp and fsdp else device, dropout=dropout, flash=flash,
+                                            mmap=ddp and fsdp or device_type != 'cpu')  # checkpoint.py
     except ValueError as e:
         fail(e)
     saved = checkpoint['model_args']
@@ -232,7 +225,8 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from):  # GPT-2's weight
 else:
     fail(f"init_from must be 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
          f"Hugging Face folder, not '{init_from}'")
-model.to(device)
+if not (ddp and fsdp):  # FSDP moves each Block to the GPU as it shards it: the whole model is never there
+    model.to(device)
 block_size = config['block_size'] = model.config.block_size  # resolved (a checkpoint's, GPT-2's), for the checkpoint
 log(f"{model.get_num_params() / 1e6:.2f}M parameters")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
@@ -245,9 +239,6 @@ for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inpu
              f"{block_size + 1}: lower --block_size or give the split more text")
 
 raw_model = model  # the plain module: its state_dict names have no '_orig_mod.' or 'module.' prefix
-if compile:
-    log("compiling the model (a minute or so the first time)")
-    model = torch.compile(model)
 if ddp and fsdp:
     # FSDP2: each process keeps 1/world of every parameter; a Block's full weights are gathered just before
     # it runs and freed after, so the model, its gradients and AdamW's two moments need not fit on one device
@@ -257,13 +248,18 @@ if ddp and fsdp:
     for block in raw_model.transformer.h:
         fully_shard(block)
     fully_shard(raw_model)
-elif ddp:  # DDP: every process holds the whole model; gradients are averaged across processes
+if compile:  # after fully_shard, so that its hooks are compiled with the model (docs/devices.md)
+    log("compiling the model (a minute or so the first time)")
+    model = compile_checked(model, get_batch('train', (seed, 0, iter_num, rank * micro_steps)), ctx, device, log)
+if ddp and not fsdp:  # DDP: every process holds the whole model; gradients are averaged across processes
     from torch.nn.parallel import DistributedDataParallel
     model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 # -----------------------------------------------------------------------------
 # optimizer and gradient scaler
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if ddp and fsdp and dtype == 'float16':  # the fused step fails with ShardedGradScaler (PyTorch issue 140514)
+    optimizer = without_fused(optimizer)
 # float16's narrow range underflows small gradients: scale the loss up, unscale before the step.
 # bfloat16 has float32's range and needs no scaler; enabled=False makes it a no-op.
 GradScaler = ShardedGradScaler if ddp and fsdp else torch.amp.GradScaler  # sharded: agrees on overflow across processes
@@ -294,9 +290,12 @@ def save(names):
                       iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng_state=rng_state[0])
     if device_type == 'cuda':
         checkpoint['cuda_rng_state'] = rng_state[1]
+    t = time.perf_counter()
     for name in names:  # each written whole, or not at all (checkpoint.py)
         save_checkpoint(checkpoint, os.path.join(out_dir, name))
-    log(f"saved {', '.join(names)} at iteration {iter_num}")
+    dt = time.perf_counter() - t  # torchrun SIGKILLs 30 s after its SIGTERM: a signal's save must fit (docs/devices.md)
+    log(f"saved {', '.join(names)} at iteration {iter_num} ({dt:.1f} s)" + (
+        "; under torchrun a preempted run has 30 s to save: see docs/devices.md" if dt > 10 else ""))
 
 
 @torch.no_grad()
@@ -395,7 +394,7 @@ while True:
         if eval_sample:  # the random state is put back afterwards, so watching does not change the run
             x = torch.tensor([sample_ids], dtype=torch.long, device=device)  # (1, T)
             model.eval()
-            with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), torch.no_grad(), ctx:
+            with fork_rng(device), torch.no_grad(), ctx:
                 y = raw_model.generate(x, eval_sample_tokens, temperature=eval_sample_temperature, top_k=200,
                                        vocab_size=meta['vocab_size'])
             model.train()
@@ -413,6 +412,7 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(micro_steps):
         X, Y = get_batch('train', (seed, 0, iter_num, rank * micro_steps + micro_step))
+        torch.manual_seed(step_seed(seed, iter_num, rank * micro_steps + micro_step))  # its dropout masks, likewise
         last = micro_step == micro_steps - 1  # under DDP or FSDP, the gradients are averaged in the last backward only
         if ddp and fsdp:
             raw_model.set_requires_gradient_sync(last)

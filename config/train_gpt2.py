@@ -10,14 +10,15 @@ wandb_project = 'owt'
 wandb_run_name = 'gpt2-124M'
 
 dataset = 'openwebtext'
-# tokens per optimizer step: 12 sequences x 1024 tokens x 40 micro-steps = 491,520, about 0.5M
-# (GPT-3 paper, table 2.1, for models of this size). The 40 micro-steps are shared by all
-# processes: 5 each on 8 GPUs.
-batch_size = 12
+# tokens per optimizer step: 16 sequences x 1024 tokens x 32 micro-steps = 524,288 = 2^19, about 0.5M
+# (GPT-3 paper, table 2.1, for models of this size). The 32 micro-steps are shared by all processes:
+# 4 each on 8 GPUs, 2 each on 2 machines of 8 (nanoGPT's 12 x 40 = 491,520 divides by 8, not by 16).
+# To choose for another count of processes: a multiple of it, with batch_size x block_size x it ~0.5M.
+batch_size = 16
 block_size = 1024
-gradient_accumulation_steps = 5 * 8
+gradient_accumulation_steps = 4 * 8
 
-# 600,000 steps x 491,520 tokens = ~300B tokens
+# 600,000 steps x 524,288 tokens = ~315B tokens
 max_iters = 600000
 lr_decay_iters = 600000
 learning_rate = 6e-4
