@@ -62,6 +62,22 @@ def pick_dtype(dtype, device):
     return dtype
 
 
+def pick_flash(flash, device, dtype):
+    """The attention path: 'auto' is the written-out attention (False) under CPU bfloat16 autocast and the
+    fused kernel (True) everywhere else; True or False (or the strings 'True', 'False') force one.
+    Measured with torch 2.13 on 2 cores of an AVX512-BF16 EPYC, ms per training step of nanoGPT's CPU
+    command's shape (bench.py --mode=train --variants=fused,manual+fused,bf16+fused,bf16+manual+fused):
+    bf16 fused 31.5 ms a step in train.py against 19.9 ms written out (issue 14; bench.py: 1.6x), as
+    PyTorch's CPU bf16 fused-attention backward is 5x slower than in float32 (model.py); in float32 the
+    two paths run at the same speed, and on GPUs the fused kernel (FlashAttention) is the faster one."""
+    choice = {'auto': None, 'true': True, 'false': False}.get(str(flash).lower(), 'bad')
+    if choice == 'bad':
+        raise ValueError(f"flash must be 'auto', True or False, not '{flash}'")
+    if choice is None:
+        return not (device.split(':')[0] == 'cpu' and dtype == 'bfloat16')
+    return choice
+
+
 def autocast_context(device, dtype):
     """Mixed precision: matmuls run in dtype, weights and the optimizer stay float32."""
     if dtype == 'float32':
@@ -84,14 +100,15 @@ PEAK_FLOPS = {
 
 
 def peak_flops(device):
-    """(FLOP/s, name) of the reference MFU is measured against. Unknown devices, the CPU
-    included, fall back to nanoGPT's reference, the A100's bf16 peak of 312 TFLOPS."""
+    """(FLOP/s, name) of the reference MFU is measured against; (None, why) for a device without a
+    figure here, the CPU included: an A100's peak (nanoGPT's habit) would say nothing about it."""
     if device.startswith('cuda'):
         gpu = torch.cuda.get_device_name(device)
         for name, flops in PEAK_FLOPS.items():
             if re.search(rf'\b{re.escape(name)}\b', gpu):  # whole words: 'L4' is not 'L40S'
                 return flops, f"{name} peak {flops / 1e12:.0f} TFLOPS"
-    return 312e12, "A100 bf16 peak 312 TFLOPS (nanoGPT's reference; no figure for this device)"
+        return None, f"no peak figure for the {gpu} in checkpoint.PEAK_FLOPS"
+    return None, f"no peak figure for '{device}'"
 
 
 # -----------------------------------------------------------------------------
@@ -108,18 +125,30 @@ def save_checkpoint(checkpoint, path):
     os.replace(path + '.tmp', path)
 
 
+# nanoGPT's GPTConfig has these fields only: a checkpoint's model_args holds exactly them, so that nanoGPT's
+# sample.py and train.py read our files (GPTConfig(**model_args)); the settings it lacks go in 'arch'
+NANOGPT_MODEL_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
+
+
+def split_model_args(args):
+    """(model_args, arch) of GPTConfig's fields: nanoGPT's keys, and the rest (flash, gelu, the switches)."""
+    return ({k: v for k, v in args.items() if k in NANOGPT_MODEL_ARGS},
+            {k: v for k, v in args.items() if k not in NANOGPT_MODEL_ARGS})
+
+
 def load_checkpoint(path, device, **overrides):
     """Load a checkpoint written by train.py into a GPT on device. Returns (model, checkpoint).
-    overrides change settings that do not touch the weights (dropout, flash)."""
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    overrides change settings that do not touch the weights (dropout, flash). model_args and arch are
+    merged (older files hold everything in model_args; nanoGPT's have no arch)."""
+    try:  # mmap: the file's pages are read when a tensor is used, so sampling never reads the optimizer's moments
+        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:  # truncated, not a checkpoint, or holding objects that are not plain data
         first_line = (str(e).strip().splitlines() or [''])[0]
         raise ValueError(f"cannot load checkpoint {path} ({type(e).__name__}: {first_line})") from None
     if not isinstance(checkpoint, dict) or not {'model', 'model_args', 'iter_num'} <= checkpoint.keys():
         raise ValueError(f"cannot load checkpoint {path}: it is not one written by train.py or nanoGPT "
                          f"(no 'model', 'model_args' and 'iter_num' in it)")
-    model = GPT(GPTConfig(**dict(checkpoint['model_args'], **overrides)))
+    model = GPT(GPTConfig(**{**checkpoint['model_args'], **checkpoint.get('arch', {}), **overrides}))
     # a model saved after torch.compile has its names prefixed with '_orig_mod.'
     state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
     model.load_state_dict(state_dict)
