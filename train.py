@@ -46,6 +46,7 @@ eval_sample = ''  # a prompt whose continuation is printed at each evaluation ('
 eval_sample_tokens = 200  # tokens of that continuation
 eval_sample_temperature = 0.8  # drawn (top_k 200, from seed; the run's random state is left as it was); 0: greedy
 plot = True  # write out_dir/loss.png at each evaluation (pip install matplotlib); every line goes to log.jsonl
+watch_interval = 30  # seconds: the plot and the sample at an evaluation at most this often (and at the last)
 init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt, else ckpt.pt) | 'gpt2' ... 'gpt2-xl' | an HF folder
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
@@ -387,7 +388,7 @@ record = run_log.record if master else (lambda **fields: None)  # a line of out_
 stop_signal = None  # 'SIGTERM' or 'SIGINT' once one asks the run to stop (on_signal)
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
-t0 = time.perf_counter()
+t0 = watched_at = time.perf_counter()
 while True:
     # the random state this iteration starts from (dropout draws from it): what a checkpoint saved during the
     # iteration holds, so that a resumed run redoes the iteration exactly
@@ -406,9 +407,13 @@ while True:
         best_val_loss = min(best_val_loss, losses['val'])
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
             f" (best {best_val_loss:.4f})")
+        # the plot and the sample are for a person watching: drawing takes 0.2-2 s, a 100-token sample 0.3-1 s,
+        # at every evaluation 5-10% of nanoGPT's CPU command (cProfile, issue 14); so not more often than this
+        watch = eval_only or iter_num >= max_iters or time.perf_counter() - watched_at >= watch_interval
+        watched_at = time.perf_counter() if watch else watched_at
         record(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'], val_loss=losses['val'],
-               plot=True)
-        if eval_sample:  # the random state is put back afterwards, so watching does not change the run
+               plot=watch)
+        if eval_sample and watch:  # the random state is put back afterwards, so watching does not change the run
             x = torch.tensor([sample_ids], dtype=torch.long, device=device)  # (1, T)
             model.eval()
             with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), torch.no_grad(), ctx:
