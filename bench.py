@@ -74,6 +74,7 @@ ways = 'plain,cache,bf16,bf16+cache'  # sample: '+' joins cache (the KV cache) a
 repeats = 3  # sample: runs per way, interleaved
 nanogpt = ''  # train, sample: a nanoGPT checkout: also time whole processes of its scripts and ours, side by side
 processes = 3  # with nanogpt: runs of each whole process, alternating
+speedrun = ''  # train, with nanogpt: also our train.py on this config file (config/train_shakespeare_char_cpu.py)
 # -----------------------------------------------------------------------------
 configurator.configure(globals())
 
@@ -125,8 +126,11 @@ def bench_train_processes():
     with tempfile.TemporaryDirectory(prefix='bench-nanogpt-') as tmp:
         nano = nanogpt_copy(tmp)
         load0 = cpu_seconds(), time.perf_counter()
-        runs = whole_processes({'nanoGPT': (nano, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-nano-{{k}}']),
-                                'ours': (HERE, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-ours-{{k}}'])})
+        commands = {'nanoGPT': (nano, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-nano-{{k}}']),
+                    'ours': (HERE, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-ours-{{k}}'])}
+        if speedrun:  # its own recipe: only the whole-process time compares
+            commands['speedrun'] = (HERE, ['train.py', speedrun, f'--out_dir={tmp}/out-speedrun-{{k}}'])
+        runs = whole_processes(commands)
         load = others_load(*load0)
     print(f"nanoGPT's CPU command, whole train.py processes, {processes} of each, alternating; torch {torch.__version__}")
     print(f"{'':<8} {'ms/iter':>8} {'iters/s':>8} {'process':>9} {'best val':>9}")
@@ -141,7 +145,10 @@ def bench_train_processes():
     (a, ta), (b, tb) = stats['nanoGPT'], stats['ours']
     print(f"ours vs nanoGPT: {a / b:.2f}x the iterations/s, {tb / ta:.2f}x the whole-process time; other "
           f"processes kept {load:.0%} of the {os.cpu_count()} cores busy meanwhile")
-    print(f"reproduce: python bench.py --mode=train --nanogpt={nanogpt} --processes={processes}")
+    if speedrun:
+        print(f"speedrun ({speedrun}) vs nanoGPT's command: {stats['speedrun'][1] / ta:.2f}x the whole-process time")
+    print(f"reproduce: python bench.py --mode=train --variants={variants} --nanogpt={nanogpt} --processes={processes}"
+          f"{' --speedrun=' + speedrun if speedrun else ''}")
 
 
 def bench_sample_processes():
@@ -164,7 +171,7 @@ def bench_sample_processes():
         print(f"{name:<8} {t[name]:6.2f} s  ({', '.join(f'{s:.2f}' for s, _ in rs)})")
     print(f"ours vs nanoGPT: {t['ours'] / t['nanoGPT']:.2f}x the time; other processes kept {load:.0%} of the "
           f"{os.cpu_count()} cores busy meanwhile")
-    print(f"reproduce: python bench.py --mode=sample --nanogpt={nanogpt} --processes={processes}")
+    print(f"reproduce: python bench.py --mode=sample --ways={ways} --nanogpt={nanogpt} --processes={processes}")
 
 
 def tree_rss(pid):
