@@ -110,6 +110,9 @@ if gradient_accumulation_steps % world:
     fail(f"gradient_accumulation_steps {gradient_accumulation_steps} is not divisible by the {world} processes: "
          f"make it a multiple of {world}")
 micro_steps = gradient_accumulation_steps // world  # this process's share of each optimizer step
+if ddp and fsdp and optimizer == 'muon':
+    fail("optimizer='muon' orthogonalises each whole weight matrix, but FSDP keeps only a shard of it on each "
+         "process: use DDP (fsdp=False) or optimizer='adamw'")
 try:
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
@@ -125,9 +128,6 @@ if ddp and device.startswith('cuda'):
     torch.cuda.set_device(device)
 if ddp:  # NCCL between GPUs; Gloo between CPU processes (which is how the tests run this path)
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-if ddp and fsdp and optimizer == 'muon':
-    fail("optimizer='muon' orthogonalises each whole weight matrix, but FSDP keeps only a shard of it on each "
-         "process: use DDP (fsdp=False) or optimizer='adamw'")
 config.update(device=device, dtype=dtype, compile=compile, flash=flash)  # the resolved values go into the checkpoint
 device_type = device.split(':')[0]  # 'cuda' | 'mps' | 'cpu', for autocast and the optimizer
 torch.manual_seed(seed)  # the same on every process: the same initial weights everywhere
