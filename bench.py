@@ -5,6 +5,8 @@ Measures what this repository exists for, and prints the command that reproduces
     python bench.py --mode=train               # training steps/s of nanoGPT's CPU shape, several ways
     python bench.py --mode=train --shape=baby  # the same for the baby GPT (6 x 6 x 384, block 256)
     python bench.py --mode=sample              # generate() from the baby GPT, with and without the KV cache
+    python bench.py --mode=train --nanogpt=../nanoGPT    # also whole train.py processes, ours and nanoGPT's
+    python bench.py --mode=sample --nanogpt=../nanoGPT   # also whole sample.py processes on a nanoGPT checkpoint
 
 prepare: writes a TinyStories-format corpus (documents of tiny-Shakespeare lines separated by
 <|endoftext|> lines) of --mb megabytes to a temporary folder, runs prepare.py on it as a user
@@ -27,10 +29,19 @@ ways, medians of --repeats interleaved runs: --new_tokens from a one-token promp
 the block_size - 1 tokens that fit the context, where the cache acts (past block_size the window
 slides and every way runs a full forward per token: model.py). 'plain' is nanoGPT's way (float32,
 no cache); sample.py on a CPU with native bf16 samples the 'bf16+cache' way.
+
+--nanogpt=PATH (a checkout of karpathy/nanoGPT): side by side with nanoGPT's own code, on a copy of it in
+a temporary folder with its shakespeare_char data prepared by its own prepare.py (from our input.txt):
+train runs its README's CPU command (NANOGPT_CPU below) with its train.py and with ours, alternating,
+--processes times each, and prints the medians of the logged ms per iteration (iterations/s) and of the
+whole process's wall time; sample trains nanoGPT's baby GPT (config/train_shakespeare_char.py: 10.7M
+parameters, with AdamW's moments in the file) for one step with its train.py, then times its sample.py
+and ours on that checkpoint (1 sample of 500 tokens; everything else each script's defaults), alternating.
 """
 
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -62,6 +73,9 @@ device = 'cpu'  # train and sample: 'cpu' | 'cuda' | 'cuda:1' | 'mps' | 'auto'
 new_tokens = 500  # sample: tokens generated per run
 ways = 'plain,cache,bf16,bf16+cache'  # sample: '+' joins cache (the KV cache) and bf16 (autocast, as sample.py)
 repeats = 3  # sample: runs per way, interleaved
+nanogpt = ''  # train, sample: a nanoGPT checkout: also time whole processes of its scripts and ours, side by side
+processes = 3  # with nanogpt: runs of each whole process, alternating
+speedrun = ''  # train, with nanogpt: also our train.py on this config file (config/train_shakespeare_char_cpu.py)
 # -----------------------------------------------------------------------------
 configurator.configure(globals())
 
@@ -72,6 +86,93 @@ SHAPES = {
     'cpu': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0),
     'baby': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16, dropout=0.2),
 }
+
+
+# nanoGPT's README command for a CPU (val loss ~1.88 in ~3 minutes), after its config file
+NANOGPT_CPU = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=False', '--eval_iters=20', '--log_interval=1',
+               '--block_size=64', '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128', '--max_iters=2000',
+               '--lr_decay_iters=2000', '--dropout=0.0']
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def nanogpt_copy(tmp):
+    """A copy of --nanogpt in tmp with its shakespeare_char prepared by its own prepare.py, and ours prepared."""
+    if not os.path.isfile(os.path.join(nanogpt, 'train.py')):
+        configurator.fail(f"--nanogpt={nanogpt} is not a nanoGPT checkout (no train.py): git clone "
+                          f"https://github.com/karpathy/nanoGPT and pass its path")
+    nano = os.path.join(tmp, 'nanoGPT')
+    shutil.copytree(nanogpt, nano, ignore=shutil.ignore_patterns('out*', '*.bin', '.git'))
+    shutil.copy(os.path.join(DATA_DIR, 'shakespeare_char', 'input.txt'), os.path.join(nano, 'data', 'shakespeare_char'))
+    subprocess.run([sys.executable, 'data/shakespeare_char/prepare.py'], cwd=nano, check=True, capture_output=True)
+    if not os.path.isfile(os.path.join(DATA_DIR, 'shakespeare_char', 'meta.json')):
+        subprocess.run([sys.executable, 'prepare.py', 'shakespeare_char'], cwd=HERE, check=True, capture_output=True)
+    return nano
+
+
+def whole_processes(commands):
+    """{name: [(seconds, stdout), ...]}: each (cwd, args) of commands run --processes times, alternating."""
+    runs = {name: [] for name in commands}
+    for k in range(processes):
+        for name, (cwd, args) in commands.items():
+            t0 = time.perf_counter()
+            p = subprocess.run([sys.executable, *[a.format(k=k) for a in args]], cwd=cwd, capture_output=True, text=True)
+            if p.returncode != 0:
+                sys.exit(f"{name} failed ({' '.join(args)}):\n{p.stderr[-2000:]}")
+            runs[name].append((time.perf_counter() - t0, p.stdout))
+    return runs
+
+
+def bench_train_processes():
+    """nanoGPT's CPU command, with its train.py and ours: iterations/s (logged ms) and whole-process time."""
+    with tempfile.TemporaryDirectory(prefix='bench-nanogpt-') as tmp:
+        nano = nanogpt_copy(tmp)
+        load0 = cpu_seconds(), time.perf_counter()
+        commands = {'nanoGPT': (nano, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-nano-{{k}}']),
+                    'ours': (HERE, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-ours-{{k}}'])}
+        if speedrun:  # its own recipe: only the whole-process time compares
+            commands['speedrun'] = (HERE, ['train.py', speedrun, f'--out_dir={tmp}/out-speedrun-{{k}}'])
+        runs = whole_processes(commands)
+        load = others_load(*load0)
+    print(f"nanoGPT's CPU command, whole train.py processes, {processes} of each, alternating; torch {torch.__version__}")
+    print(f"{'':<8} {'ms/iter':>8} {'iters/s':>8} {'process':>9} {'best val':>9}")
+    stats = {}
+    for name, rs in runs.items():
+        # each logs 'iter N: loss L, ... T ms' (nanoGPT: 'time T ms'); the median skips evaluations' iterations
+        ms = [statistics.median(float(m) for m in re.findall(r"^iter \d+: .*?([0-9.]+) ?ms", out, re.M)) for _, out in rs]
+        vals = [min(float(v) for v in re.findall(r"val loss ([0-9.]+)", out)) for _, out in rs]
+        stats[name] = statistics.median(ms), statistics.median(t for t, _ in rs)
+        print(f"{name:<8} {stats[name][0]:8.2f} {1000 / stats[name][0]:8.2f} {stats[name][1]:8.1f}s "
+              f"{statistics.median(vals):9.4f}")
+    (a, ta), (b, tb) = stats['nanoGPT'], stats['ours']
+    print(f"ours vs nanoGPT: {a / b:.2f}x the iterations/s, {tb / ta:.2f}x the whole-process time; other "
+          f"processes kept {load:.0%} of the {os.cpu_count()} cores busy meanwhile")
+    if speedrun:
+        print(f"speedrun ({speedrun}) vs nanoGPT's command: {stats['speedrun'][1] / ta:.2f}x the whole-process time")
+    print(f"reproduce: python bench.py --mode=train --variants={variants} --nanogpt={nanogpt} --processes={processes}"
+          f"{' --speedrun=' + speedrun if speedrun else ''}")
+
+
+def bench_sample_processes():
+    """sample.py's whole process, nanoGPT's and ours, on a baby-GPT checkpoint written by nanoGPT's train.py."""
+    with tempfile.TemporaryDirectory(prefix='bench-nanogpt-') as tmp:
+        nano = nanogpt_copy(tmp)
+        out = os.path.join(tmp, 'out-baby')
+        subprocess.run([sys.executable, 'train.py', 'config/train_shakespeare_char.py', '--device=cpu', '--compile=False',
+                        '--eval_iters=1', '--max_iters=1', '--eval_interval=1', '--batch_size=2', f'--out_dir={out}'],
+                       cwd=nano, check=True, capture_output=True)
+        size = os.path.getsize(os.path.join(out, 'ckpt.pt'))
+        args = ['sample.py', f'--out_dir={out}', '--device=cpu', '--num_samples=1', '--max_new_tokens=500']
+        load0 = cpu_seconds(), time.perf_counter()
+        runs = whole_processes({'nanoGPT': (nano, args), 'ours': (HERE, args)})
+        load = others_load(*load0)
+    print(f"sample.py, whole processes, on nanoGPT's baby GPT checkpoint ({size / 2**20:.0f} MiB with AdamW's moments), "
+          f"1 sample of 500 tokens, {processes} of each, alternating; torch {torch.__version__}")
+    t = {name: statistics.median(s for s, _ in rs) for name, rs in runs.items()}
+    for name, rs in runs.items():
+        print(f"{name:<8} {t[name]:6.2f} s  ({', '.join(f'{s:.2f}' for s, _ in rs)})")
+    print(f"ours vs nanoGPT: {t['ours'] / t['nanoGPT']:.2f}x the time; other processes kept {load:.0%} of the "
+          f"{os.cpu_count()} cores busy meanwhile")
+    print(f"reproduce: python bench.py --mode=sample --ways={ways} --nanogpt={nanogpt} --processes={processes}")
 
 
 def tree_rss(pid):
@@ -300,6 +401,9 @@ elif mode in ('train', 'sample'):
     name = shape if shape != 'auto' else {'train': 'cpu', 'sample': 'baby'}[mode]
     if name not in SHAPES:
         configurator.fail(f"shape must be 'auto', 'cpu' or 'baby', not '{shape}'")
-    (bench_train if mode == 'train' else bench_sample)(dict(SHAPES[name], name=name))
+    if variants if mode == 'train' else ways:  # --variants= (or --ways=) with --nanogpt: the processes only
+        (bench_train if mode == 'train' else bench_sample)(dict(SHAPES[name], name=name))
+    if nanogpt:
+        (bench_train_processes if mode == 'train' else bench_sample_processes)()
 else:
     configurator.fail(f"mode must be 'prepare', 'train' or 'sample', not '{mode}'")

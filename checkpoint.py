@@ -176,6 +176,22 @@ def check_accumulation(steps, world):
                          f"a multiple of {world} (the nearest: {nearest}; batch_size x block_size x it = tokens per step)")
 
 
+def pick_flash(flash, device, dtype):
+    """The attention path: 'auto' is the written-out attention (False) under CPU bfloat16 autocast and the
+    fused kernel (True) everywhere else; True or False (or the strings 'True', 'False') force one.
+    Measured with torch 2.13 on 2 cores of an AVX512-BF16 EPYC, ms per training step of nanoGPT's CPU
+    command's shape (bench.py --mode=train --variants=fused,manual+fused,bf16+fused,bf16+manual+fused):
+    bf16 fused 31.5 ms a step in train.py against 19.9 ms written out (issue 14; bench.py: 1.6x), as
+    PyTorch's CPU bf16 fused-attention backward is 5x slower than in float32 (model.py); in float32 the
+    two paths run at the same speed, and on GPUs the fused kernel (FlashAttention) is the faster one."""
+    choice = {'auto': None, 'true': True, 'false': False}.get(str(flash).lower(), 'bad')
+    if choice == 'bad':
+        raise ValueError(f"flash must be 'auto', True or False, not '{flash}'")
+    if choice is None:
+        return not (device.split(':')[0] == 'cpu' and dtype == 'bfloat16')
+    return choice
+
+
 def autocast_context(device, dtype):
     """Mixed precision: matmuls run in dtype, weights and the optimizer stay float32."""
     if dtype == 'float32':
@@ -215,10 +231,12 @@ def peak_flops_of(gpu_name):
 
 
 def peak_flops(device):
-    """(FLOP/s, name) of the reference MFU is measured against. Unknown devices, the CPU
-    included, fall back to nanoGPT's reference, the A100's bf16 peak of 312 TFLOPS."""
-    found = peak_flops_of(torch.cuda.get_device_name(device)) if device.startswith('cuda') else None
-    return found or (312e12, "A100 bf16 peak 312 TFLOPS (nanoGPT's reference; no figure for this device)")
+    """(FLOP/s, name) of the reference MFU is measured against; (None, why) for a device without a
+    figure here, the CPU included: an A100's peak (nanoGPT's habit) would say nothing about it."""
+    if not device.startswith('cuda'):
+        return None, f"no peak figure for '{device}'"
+    gpu = torch.cuda.get_device_name(device)
+    return peak_flops_of(gpu) or (None, f"no peak figure for the {gpu} in checkpoint.PEAK_FLOPS")
 
 
 # -----------------------------------------------------------------------------
@@ -235,10 +253,22 @@ def save_checkpoint(checkpoint, path):
     os.replace(path + '.tmp', path)
 
 
+# nanoGPT's GPTConfig has these fields only: a checkpoint's model_args holds exactly them, so that nanoGPT's
+# sample.py and train.py read our files (GPTConfig(**model_args)); the settings it lacks go in 'arch'
+NANOGPT_MODEL_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
+
+
+def split_model_args(args):
+    """(model_args, arch) of GPTConfig's fields: nanoGPT's keys, and the rest (flash, gelu, the switches)."""
+    return ({k: v for k, v in args.items() if k in NANOGPT_MODEL_ARGS},
+            {k: v for k, v in args.items() if k not in NANOGPT_MODEL_ARGS})
+
+
 def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     """Load a checkpoint written by train.py into a GPT on device. Returns (model, checkpoint).
     optimizer=False drops the optimizer's state (AdamW's two moments: twice the weights) unread.
-    overrides change settings that do not touch the weights (dropout, flash).
+    overrides change settings that do not touch the weights (dropout, flash). model_args and arch are
+    merged (older files hold everything in model_args; nanoGPT's have no arch).
     mmap: the file is mapped, not read (torch.load(mmap=True)): a tensor takes memory once it is used,
     so what is dropped never does; the model is made on the 'meta' device and takes the file's tensors
     (assign=True) instead of copies, then moves to device. On the CPU its weights are then the file's pages
@@ -257,7 +287,7 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     # a model saved after torch.compile has its names prefixed with '_orig_mod.'
     state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()}
     with torch.device('meta'):  # shapes only: no memory, no time spent on an initialisation overwritten next
-        model = GPT(GPTConfig(**dict(checkpoint['model_args'], **overrides)))
+        model = GPT(GPTConfig(**{**checkpoint['model_args'], **checkpoint.get('arch', {}), **overrides}))
     model.load_state_dict(state_dict, assign=True)
     model.transformer.wte.weight = model.lm_head.weight  # tied again: assign gave each name its own Parameter
     model.to(device)

@@ -200,6 +200,51 @@ class KVCache:
         return self.k, self.v
 
 
+class MuonAdamW:
+    """Muon for the blocks' matrices and AdamW for the rest, stepped together, behaving as one torch.optim
+    optimizer where train.py needs it: param_groups (Muon's first), step, zero_grad, and a state_dict in
+    torch.optim's own format, parameters numbered across both in that order, so a checkpoint holds both
+    optimizers' state in its usual 'optimizer' key and loads with weights_only=True."""
+
+    def __init__(self, muon, adamw):
+        self.optimizers = [muon, adamw]
+        self.defaults = adamw.defaults  # train.py reads 'fused' from here
+
+    @property
+    def param_groups(self):
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        state, groups, offset = {}, [], 0
+        for opt in self.optimizers:
+            sd = opt.state_dict()
+            state.update({i + offset: s for i, s in sd['state'].items()})
+            groups += [dict(g, params=[i + offset for i in g['params']]) for g in sd['param_groups']]
+            offset += sum(len(g['params']) for g in sd['param_groups'])
+        return dict(state=state, param_groups=groups)
+
+    def load_state_dict(self, state_dict):
+        groups, offset = list(state_dict['param_groups']), 0
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the saved optimizer state has {len(groups)} parameter groups, Muon and AdamW "
+                             f"{len(self.param_groups)}: it was saved by another optimizer")
+        for opt in self.optimizers:
+            mine, groups = groups[:len(opt.param_groups)], groups[len(opt.param_groups):]
+            n = sum(len(g['params']) for g in mine)
+            opt.load_state_dict(dict(
+                state={i - offset: s for i, s in state_dict['state'].items() if offset <= i < offset + n},
+                param_groups=[dict(g, params=[i - offset for i in g['params']]) for g in mine]))
+            offset += n
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -322,22 +367,41 @@ class GPT(nn.Module):
         if self.transformer.wpe is not None:  # rotary positions are computed, not stored: nothing to crop
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with decoupled weight decay on matrices (matmul weights, embeddings) only:
-        biases and LayerNorm gains (1-D tensors) are not decayed."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
+                             muon_learning_rate=0.02, muon_momentum=0.95):
+        """AdamW with decoupled weight decay on matrices (matmul weights, embeddings) only: biases and
+        LayerNorm gains (1-D tensors) are not decayed. optimizer='muon': the blocks' 2-D weight matrices
+        go to Muon instead (MuonAdamW), the embeddings, lm_head and 1-D tensors stay with AdamW.
+        Each group's 'lr_scale' is its peak over learning_rate, for the schedule (train.py)."""
         params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once
-        decay_params = [p for p in params if p.dim() >= 2]
+        matrices = {id(p) for p in self.transformer.h.parameters() if p.dim() == 2} if optimizer == 'muon' else set()
+        decay_params = [p for p in params if p.dim() >= 2 and id(p) not in matrices]
         nodecay_params = [p for p in params if p.dim() < 2]
         groups = [
-            {'params': decay_params, 'weight_decay': weight_decay},
-            {'params': nodecay_params, 'weight_decay': 0.0},
+            {'params': decay_params, 'weight_decay': weight_decay, 'lr_scale': 1.0},
+            {'params': nodecay_params, 'weight_decay': 0.0, 'lr_scale': 1.0},
         ]
         # AdamW's fused kernel updates every tensor in one pass, instead of a handful of ops per tensor:
         # on 2 CPU cores 1.3 ms instead of 8 ms a step for nanoGPT's CPU shape (CUDA: PyTorch >= 2.0, CPU: >= 2.4)
         try:
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
+            adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
         except (RuntimeError, TypeError):  # an older PyTorch, without the CPU kernel (or any)
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+            adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+        if optimizer == 'adamw':
+            return adamw
+        if optimizer != 'muon':
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', not '{optimizer}'")
+        if not hasattr(torch.optim, 'Muon'):
+            raise ValueError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9+), this is {torch.__version__}: "
+                             f"pip install -U torch, or optimizer='adamw'")
+        # Muon (Keller Jordan, kellerjordan.github.io/posts/muon, 2024): SGD with Nesterov momentum whose
+        # update, per weight matrix, is orthogonalised by 5 Newton-Schulz steps, scaled by sqrt(max(1, out/in)).
+        # lr 0.02, momentum 0.95 and no weight decay are the write-up's and nanochat's settings (modded-nanogpt:
+        # 0.05); only hidden matrices, never the embeddings or the output layer, which AdamW keeps (all three)
+        muon = torch.optim.Muon([p for p in params if id(p) in matrices], lr=muon_learning_rate,
+                                momentum=muon_momentum, weight_decay=0.0)
+        muon.param_groups[0]['lr_scale'] = muon_learning_rate / learning_rate if learning_rate else 0.0
+        return MuonAdamW(muon, adamw)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's

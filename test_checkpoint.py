@@ -9,6 +9,8 @@ import ast
 import dataclasses
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 
@@ -205,3 +207,65 @@ def test_each_module_imports_alone(name):
     them as subprocesses.)"""
     p = subprocess.run([sys.executable, '-c', f'import {name}'], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout == '', p.stderr
+
+
+# -----------------------------------------------------------------------------
+# the attention path train.py picks, and checkpoints nanoGPT reads
+
+NANOGPT = os.environ.get('NANOGPT', '/work/shared/anchors/nanoGPT')  # a checkout of karpathy/nanoGPT
+
+
+def test_pick_flash():
+    """'auto': the written-out attention under CPU bfloat16 autocast only; True and False (or their strings) force."""
+    assert C.pick_flash('auto', 'cpu', 'bfloat16') is False
+    assert C.pick_flash('auto', 'cpu', 'float32') is True
+    assert C.pick_flash('auto', 'cuda:1', 'bfloat16') is True
+    assert C.pick_flash('True', 'cpu', 'bfloat16') is True and C.pick_flash(False, 'cuda', 'float16') is False
+    with pytest.raises(ValueError, match="'fast'"):
+        C.pick_flash('fast', 'cpu', 'float32')
+
+
+@pytest.mark.parametrize('dtype, flash', [('bfloat16', False), ('float32', True)])
+def test_the_flash_choice_is_what_the_log_prints(repo, dtype, flash):
+    """The attention path train.py logs is the one the model runs and the checkpoint records; on a CPU
+    the log shows tokens/s but no MFU (there is no peak to measure it against)."""
+    out = f'out-flash-{dtype}'
+    p = run(repo, 'train.py', *TINY, f'--dtype={dtype}', '--max_iters=1', '--eval_interval=1', f'--out_dir={out}')
+    assert f'dtype {dtype}, flash={flash},' in p.stdout
+    assert 'tok/s' in p.stdout and 'mfu' not in p.stdout  # no peak figure for a CPU: tokens/s only
+    ckpt = torch.load(repo / out / 'last.pt', weights_only=True)
+    assert ckpt['arch']['flash'] is flash and ckpt['config']['flash'] is flash
+    model, _ = C.load_checkpoint(repo / out / 'last.pt', 'cpu')
+    assert model.transformer.h[0].attn.flash is flash
+
+
+def test_model_args_are_nanogpts_and_nanogpt_samples_ours(repo, tmp_path):
+    """A GPT-2-style checkpoint's model_args has exactly the fields of nanoGPT's GPTConfig (read from its
+    model.py where a checkout is at hand, else the 7 it has had since 2023); our settings are in 'arch' and
+    come back on load. nanoGPT's own sample.py, run from a copy of its checkout, loads the file and samples."""
+    run(repo, 'train.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out-nano', '--flash=False')
+    ckpt = torch.load(repo / 'out-nano' / 'ckpt.pt', weights_only=True)
+    fields = {'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout'}
+    if os.path.isdir(NANOGPT):
+        tree = ast.parse(open(os.path.join(NANOGPT, 'model.py'), encoding='utf-8').read())
+        cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == 'GPTConfig')
+        fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+    assert set(ckpt['model_args']) == fields
+    assert ckpt['arch']['flash'] is False and ckpt['arch']['rope'] is False
+    model, _ = C.load_checkpoint(repo / 'out-nano' / 'ckpt.pt', 'cpu')
+    assert model.config.flash is False and model.config.n_embd == 16
+    if not os.path.isdir(NANOGPT):
+        return
+    nano = tmp_path / 'nanoGPT'
+    shutil.copytree(NANOGPT, nano)
+    meta = json.loads((repo / 'data' / 'shakespeare_char' / 'meta.json').read_text())
+    chars = meta['tokenizer']['chars']
+    os.makedirs(nano / 'data' / 'shakespeare_char', exist_ok=True)
+    with open(nano / 'data' / 'shakespeare_char' / 'meta.pkl', 'wb') as f:  # what nanoGPT's prepare.py writes
+        pickle.dump({'vocab_size': len(chars), 'itos': dict(enumerate(chars)),
+                     'stoi': {c: i for i, c in enumerate(chars)}}, f)
+    p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={repo / "out-nano"}', '--device=cpu',
+                        '--num_samples=1', '--max_new_tokens=20', '--start=ROMEO:'], cwd=nano,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert 'Loading meta from' in p.stdout and '\nROMEO:' in p.stdout  # its meta.pkl, then the sample

@@ -63,7 +63,7 @@ def test_watching_does_not_change_the_run(repo):
     random state back: the losses are those of the run without it."""
     plain = run(repo, 'train.py', *COMMON, '--max_iters=12', '--out_dir=out-plain', '--plot=False')
     watched = run(repo, 'train.py', *COMMON, '--max_iters=12', '--out_dir=out-watched', '--eval_sample=ROMEO:',
-                  '--eval_sample_tokens=30', '--eval_sample_temperature=1.0')
+                  '--eval_sample_tokens=30', '--eval_sample_temperature=1.0', '--watch_interval=0')
     assert len(re.findall(r"^sample: .ROMEO:", watched.stdout, re.M)) == 3  # at 0, 6 and 12
     assert logged(plain.stdout, 'loss') == logged(watched.stdout, 'loss')
     assert not (repo / 'out-plain' / 'loss.png').exists()

@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 import configurator
 from checkpoint import (autocast_context, check_accumulation, compile_checked, fork_rng, from_pretrained,
-                        load_checkpoint, peak_flops, pick_backend, pick_compile, pick_device, pick_dtype, save_checkpoint,
-                        step_seed, use_device, without_fused)
+                        load_checkpoint, peak_flops, pick_backend, pick_compile, pick_device, pick_dtype, pick_flash,
+                        save_checkpoint, split_model_args, step_seed, use_device, without_fused)
 from model import GPT, GPTConfig
 from plot import RunLog
 from tokenizer import DATA_DIR, DataError, load_meta, load_tokenizer
@@ -44,8 +44,9 @@ always_save_checkpoint = True  # save ckpt.pt at every evaluation, not only when
 checkpoint_interval = 0  # iterations between saves of last.pt; 0: at every evaluation
 eval_sample = ''  # a prompt whose continuation is printed at each evaluation ('' = none), to watch learning
 eval_sample_tokens = 200  # tokens of that continuation
-eval_sample_temperature = 0.0  # 0: greedy (the same text each time, until the model changes its mind)
+eval_sample_temperature = 0.8  # drawn (top_k 200, from seed; the run's random state is left as it was); 0: greedy
 plot = True  # write out_dir/loss.png at each evaluation (pip install matplotlib); every line goes to log.jsonl
+watch_interval = 30  # seconds: the plot and the sample at an evaluation at most this often (and at the last)
 init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt, else ckpt.pt) | 'gpt2' ... 'gpt2-xl' | an HF folder
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
@@ -62,14 +63,16 @@ n_head = 12  # attention heads
 n_embd = 768  # embedding width
 dropout = 0.0  # 0.0 for pretraining, 0.1+ for finetuning
 bias = True  # biases in Linear and LayerNorm layers
-flash = True  # True: fused attention; False: the manual masked attention, to step through
+flash = 'auto'  # True: fused attention; False: the manual masked attention, to step through; 'auto': the faster (checkpoint.pick_flash)
 rope = False  # rotary position embeddings (RoFormer) instead of learned ones (model.py cites each paper)
 rmsnorm = False  # RMSNorm instead of LayerNorm
 swiglu = False  # SwiGLU MLP instead of GELU, about the same parameter count
 n_kv_head = 0  # key/value heads, grouped-query attention: 0 = n_head (plain), 1 = multi-query
 qk_norm = False  # RMS-normalise each head's queries and keys
-# AdamW optimizer
-learning_rate = 6e-4  # peak learning rate
+# optimizer
+optimizer = 'adamw'  # 'adamw' | 'muon': Muon for the blocks' weight matrices, AdamW for the rest (model.py)
+muon_learning_rate = 0.02  # Muon's peak learning rate (Keller Jordan's write-up, nanochat); the schedule scales it too
+learning_rate = 6e-4  # peak learning rate (AdamW's)
 max_iters = 600000  # optimizer steps in total
 weight_decay = 1e-1  # on 2-D weights only
 beta1 = 0.9  # decay of the running mean of gradients
@@ -104,16 +107,20 @@ for name in ('max_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip'
     if config[name] < 0:
         fail(f"{name} must not be negative, not {config[name]}")
 micro_steps = gradient_accumulation_steps // world  # this process's share of each optimizer step
+if ddp and fsdp and optimizer == 'muon':
+    fail("optimizer='muon' orthogonalises each whole weight matrix, but FSDP keeps only a shard of it on each "
+         "process: use DDP (fsdp=False) or optimizer='adamw'")
 try:
     check_accumulation(gradient_accumulation_steps, world)
     device = use_device(pick_device(device), local_rank if ddp else None)  # under torchrun, each process its GPU
     dtype = pick_dtype(dtype, device)  # for this GPU (use_device made it current)
     compile = pick_compile(compile, device)
+    flash = pick_flash(flash, device, dtype)
 except ValueError as e:
     fail(e)
 if ddp:  # NCCL between GPUs (Gloo on Windows); Gloo between CPU processes (which is how the tests run this path)
     dist.init_process_group(backend=pick_backend(device))
-config.update(device=device, dtype=dtype, compile=compile)  # the resolved values go into the checkpoint
+config.update(device=device, dtype=dtype, compile=compile, flash=flash)  # the resolved values go into the checkpoint
 device_type = device.split(':')[0]  # 'cuda' | 'mps' | 'cpu', for autocast and the optimizer
 torch.manual_seed(seed)  # the same on every process: the same initial weights everywhere
 torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere+ GPUs; no effect on the CPU
@@ -198,7 +205,7 @@ elif init_from == 'resume':
         if have != model_args[k]:
             fail(f"the checkpoint has {k} = {have}, the settings say {k} = {model_args[k]}: "
                  f"give the settings it was trained with (the same config file)")
-    model_args = dict(saved, dropout=dropout, flash=flash)
+    model_args = dataclasses.asdict(model.config)  # model_args and arch (checkpoint.py), with today's dropout, flash
     if pretrained:
         config['init_from'] = origin  # where the weights came from, kept through resumes
     for k, v in checkpoint['config'].items():  # what may change is allowed, and said
@@ -230,7 +237,7 @@ if not (ddp and fsdp):  # FSDP moves each Block to the GPU as it shards it: the 
 block_size = config['block_size'] = model.config.block_size  # resolved (a checkpoint's, GPT-2's), for the checkpoint
 log(f"{model.get_num_params() / 1e6:.2f}M parameters")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-log(f"device {device}, dtype {dtype}, {world} process(es); {tokens_per_iter:,} tokens per iteration "
+log(f"device {device}, dtype {dtype}, flash={flash}, {world} process(es); {tokens_per_iter:,} tokens per iteration "
     f"({gradient_accumulation_steps} x {batch_size} x {block_size})")
 for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inputs and one more target
     n_tokens = meta[f'{split}_tokens']
@@ -257,7 +264,11 @@ if ddp and not fsdp:  # DDP: every process holds the whole model; gradients are 
 
 # -----------------------------------------------------------------------------
 # optimizer and gradient scaler
-optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+try:  # the setting optimizer ('adamw' | 'muon', still in config) becomes the optimizer itself
+    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                               muon_learning_rate)
+except ValueError as e:
+    fail(e)
 if ddp and fsdp and dtype == 'float16':  # the fused step fails with ShardedGradScaler (PyTorch issue 140514)
     optimizer = without_fused(optimizer)
 # float16's narrow range underflows small gradients: scale the loss up, unscale before the step.
@@ -286,7 +297,8 @@ def save(names):
     if ddp and fsdp:  # by number, as torch.optim keys it, so that any run (DDP, FSDP, one process, nanoGPT's) reads it
         name_to_number = {n: i for i, n in enumerate(n for g in optim_sd['param_groups'] for n in g['params'])}
         optim_sd = rekey(optim_sd, name_to_number)
-    checkpoint = dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), model_args=model_args,
+    args, arch = split_model_args(model_args)  # nanoGPT's GPTConfig keys, and ours (checkpoint.py)
+    checkpoint = dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), model_args=args, arch=arch,
                       iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng_state=rng_state[0])
     if device_type == 'cuda':
         checkpoint['cuda_rng_state'] = rng_state[1]
@@ -343,8 +355,13 @@ def on_signal(signum, frame):
 
 # -----------------------------------------------------------------------------
 # training loop: a resumed run's optimizer state, the run's logs, then the steps
-if checkpoint is not None:  # Adam's moments; its settings are today's
+if checkpoint is not None:  # Adam's moments (and Muon's); its settings are today's
     optim_sd = checkpoint.get('optimizer') or {}  # none, or no state (saved before the first update): the fresh one
+    if checkpoint['config'].get('optimizer', 'adamw') != config['optimizer']:
+        log(f"optimizer {checkpoint['config'].get('optimizer', 'adamw')} in the checkpoint, now {config['optimizer']}: "
+            f"its state starts afresh")
+        optim_sd = {}
+    today = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]  # the kernel too
     if optim_sd.get('state') and ddp and fsdp:
         names = {p: n for n, p in raw_model.named_parameters()}
         number_to_name = [names[p] for g in optimizer.param_groups for p in g['params']]
@@ -352,13 +369,13 @@ if checkpoint is not None:  # Adam's moments; its settings are today's
                                  options=StateDictOptions(full_state_dict=True))
     elif optim_sd.get('state'):
         optimizer.load_state_dict(optim_sd)
-    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # the kernel too: this machine's choice
-        group.update(betas=(beta1, beta2), weight_decay=decay, fused=optimizer.defaults.get('fused'))
+    for group, settings in zip(optimizer.param_groups, today):
+        group.update(settings)
     if scaler.is_enabled() and checkpoint.get('scaler'):  # float16 on both runs: keep the loss scale it found
         scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = optim_sd = None  # free the memory the loaded tensors hold
 peak, peak_name = peak_flops(device)
-log(f"MFU is measured against the {peak_name}")
+log(f"MFU is measured against the {peak_name}" if peak else f"MFU not shown: {peak_name}")
 if wandb_log and master:
     try:
         import wandb
@@ -370,14 +387,14 @@ record = run_log.record if master else (lambda **fields: None)  # a line of out_
 stop_signal = None  # 'SIGTERM' or 'SIGINT' once one asks the run to stop (on_signal)
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
-t0 = time.perf_counter()
+t0 = watched_at = time.perf_counter()
 while True:
     # the random state this iteration starts from (dropout draws from it): what a checkpoint saved during the
     # iteration holds, so that a resumed run redoes the iteration exactly
     rng_state = torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == 'cuda' else None
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group['lr_scale']  # Muon's groups at their own peak (model.py)
 
     # evaluate, log, save
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
@@ -389,12 +406,17 @@ while True:
         best_val_loss = min(best_val_loss, losses['val'])
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
             f" (best {best_val_loss:.4f})")
+        # the plot and the sample are for a person watching: drawing takes 0.2-2 s, a 100-token sample 0.3-1 s,
+        # at every evaluation 5-10% of nanoGPT's CPU command (cProfile, issue 14); so not more often than this
+        watch = eval_only or iter_num >= max_iters or time.perf_counter() - watched_at >= watch_interval
+        watched_at = time.perf_counter() if watch else watched_at
         record(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'], val_loss=losses['val'],
-               plot=True)
-        if eval_sample:  # the random state is put back afterwards, so watching does not change the run
+               plot=watch)
+        if eval_sample and watch:  # the random state is put back afterwards, so watching does not change the run
             x = torch.tensor([sample_ids], dtype=torch.long, device=device)  # (1, T)
             model.eval()
             with fork_rng(device), torch.no_grad(), ctx:
+                torch.manual_seed(seed)  # the same draw at every evaluation: only the model changes the text
                 y = raw_model.generate(x, eval_sample_tokens, temperature=eval_sample_temperature, top_k=200,
                                        vocab_size=meta['vocab_size'])
             model.train()
@@ -449,9 +471,8 @@ while True:
 
     if iter_num % log_interval == 0:
         dt = time.perf_counter() - t0
-        mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak * world)
-        log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.4e}, {dt * 1000:.1f} ms, "
-            f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.3g}%")
+        mfu = f", mfu {raw_model.estimate_mfu(tokens_per_iter, dt, peak * world) * 100:.3g}%" if peak else ""
+        log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.4e}, {dt * 1000:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s{mfu}")
         record(iter=iter_num, tokens=(iter_num + 1) * tokens_per_iter, lr=lr, loss=lossf, ms=dt * 1000)
     iter_num += 1
     t0 = time.perf_counter()

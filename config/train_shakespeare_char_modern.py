@@ -42,5 +42,5 @@ warmup_iters = 100
 
 device = 'cpu'  # this recipe is for the CPU even on a machine with a GPU
 
-eval_sample = 'ROMEO:'  # watch it learn: a greedy continuation at each evaluation
+eval_sample = 'ROMEO:'  # watch it learn: a continuation drawn at evaluations (train.py, watch_interval)
 eval_sample_tokens = 100

@@ -41,5 +41,5 @@ beta2 = 0.95
 warmup_iters = 500
 weight_decay = 0.1
 
-eval_sample = 'Once upon a time'  # watch it learn: a greedy continuation at each evaluation
+eval_sample = 'Once upon a time'  # watch it learn: a continuation drawn at evaluations (train.py, watch_interval)
 eval_sample_tokens = 100

@@ -1,0 +1,104 @@
+"""
+optimizer='muon': Muon's update is an orthogonalised matrix (its singular values near 1, not the
+gradient's), the rest keeps AdamW; a Muon run learns like an AdamW run on the same batches, resumes
+bit-identically, and under torchrun (DDP, 2 Gloo processes) equals one process; FSDP is refused.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_model import one_thread, random_idx, tiny  # noqa: F401 (one_thread is an autouse fixture)
+from test_resume import assert_same_weights, torchrun, weights
+from test_scripts import TINY, assert_one_line_error, logged, repo, run  # noqa: F401 (repo is a fixture)
+
+
+def test_muon_orthogonalises_the_blocks_matrices_and_adamw_the_rest():
+    """One step from rest: each block matrix moves by lr * sqrt(max(1, out/in)) times a matrix whose
+    singular values mostly lie near 1 (Newton-Schulz's US'V^T, S' in about [0.5, 1.5]: Keller Jordan's write-up),
+    whatever the gradient's spread; AdamW's first step moves every other weight by lr (|m / sqrt(v)| = 1)."""
+    m = tiny(n_embd=32, n_head=2)
+    m.train()
+    opt = m.configure_optimizers(0.0, 1e-3, (0.9, 0.95), 'cpu', 'muon', muon_learning_rate=0.02)
+    muon, adamw = opt.optimizers
+    assert {id(p) for p in muon.param_groups[0]['params']} == {id(p) for p in m.transformer.h.parameters()
+                                                                if p.dim() == 2}
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    idx = random_idx()
+    m(idx, idx)[1].backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for g in opt.param_groups:
+        g['lr'] = (0.02 if g in muon.param_groups else 1e-3)
+    opt.step()
+    for n, p in m.named_parameters():
+        delta = before[n] - p.detach()
+        if n.startswith('transformer.h.') and p.dim() == 2:
+            out, inp = p.shape
+            s = torch.linalg.svdvals(delta / (0.02 * max(1, out / inp) ** 0.5))
+            assert 0.6 < s.median() and s.max() < 1.6, (n, s)  # (5 steps leave the tiniest directions short)
+            g = torch.linalg.svdvals(grads[n])
+            assert g.max() / g.median() > 2 * s.max() / s.median(), (n, g)  # the gradient's spread is far wider
+        else:
+            moved = delta[grads[n].abs() > 1e-5].abs()  # (the keys' bias has a zero gradient, up to rounding)
+            torch.testing.assert_close(moved, torch.full_like(moved, 1e-3), rtol=1e-2, atol=0)
+    # the state of both in one torch.optim-format dict, loaded back into a fresh pair
+    sd = opt.state_dict()
+    assert len(sd['state']) == len(list(m.parameters())) and len(sd['param_groups']) == 3
+    again = tiny(n_embd=32, n_head=2).configure_optimizers(0.0, 1e-3, (0.9, 0.95), 'cpu', 'muon')
+    again.load_state_dict(sd)
+    for a, b in zip(again.state_dict()['state'].values(), sd['state'].values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+ARGS = [*TINY, '--optimizer=muon', '--muon_learning_rate=0.02', '--learning_rate=1e-2', '--min_lr=1e-3',
+        '--warmup_iters=4', '--lr_decay_iters=24', '--eval_interval=6', '--plot=False']
+
+
+def test_muon_learns_like_adamw(repo):
+    """On the same 30 batches, Muon's loss falls at least as far as AdamW's (both at their usual rates)."""
+    common = [*ARGS, '--max_iters=30', '--eval_interval=30', '--n_embd=32', '--lr_decay_iters=30']
+    muon = logged(run(repo, 'train.py', *common, '--out_dir=out-muon-learns').stdout, 'loss')
+    adamw = logged(run(repo, 'train.py', *common, '--optimizer=adamw', '--out_dir=out-adamw-learns').stdout, 'loss')
+    last = lambda losses: sum(losses[i] for i in range(25, 30)) / 5
+    assert last(adamw) < losses_at_start(adamw) - 0.5  # AdamW learned: the comparison means something
+    assert last(muon) < last(adamw) + 0.05, (last(muon), last(adamw))
+
+
+def losses_at_start(losses):
+    return sum(losses[i] for i in range(3)) / 3
+
+
+def test_muon_resume_is_bit_identical(repo):
+    """12 iterations, stop, resume to 24: the same losses and weights as 24 straight (both optimizers' state)."""
+    straight = run(repo, 'train.py', *ARGS, '--max_iters=24', '--out_dir=out-m24')
+    first = run(repo, 'train.py', *ARGS, '--max_iters=12', '--out_dir=out-m12')
+    second = run(repo, 'train.py', *ARGS, '--max_iters=24', '--out_dir=out-m12', '--init_from=resume')
+    assert logged(straight.stdout, 'loss') == {**logged(first.stdout, 'loss'), **logged(second.stdout, 'loss')}
+    assert_same_weights(weights(repo, 'out-m24'), weights(repo, 'out-m12'))
+    saved = torch.load(repo / 'out-m12' / 'last.pt', weights_only=True)['optimizer']
+    assert 'momentum_buffer' in saved['state'][0] and 'exp_avg' in saved['state'][len(saved['state']) - 1]
+
+
+def test_muon_two_processes_equal_one_and_fsdp_is_refused(repo):
+    """torchrun with 2 Gloo processes (DDP), one micro-step each, equals one process with 2 micro-steps, to 1e-6.
+    Muon orthogonalises in bfloat16 and Newton-Schulz multiplies a gradient's small directions ~400x
+    (3.4445^5), so a last-bit difference of the summed gradients would show: with 2 micro-steps the sum
+    g0/2 + g1/2 is the same float either way, and with torchrun's one thread per process (OMP_NUM_THREADS=1)
+    the single process computes each gradient as they do."""
+    args = [*TINY, '--optimizer=muon', '--gradient_accumulation_steps=2', '--max_iters=8', '--eval_interval=4',
+            '--learning_rate=1e-2', '--muon_learning_rate=0.02', '--warmup_iters=2', '--lr_decay_iters=8']
+    subprocess.run([sys.executable, 'train.py', *args, '--out_dir=out-muon-one'], cwd=repo, check=True,
+                   capture_output=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    torchrun(repo, *args, '--out_dir=out-muon-ddp')
+    a, b = weights(repo, 'out-muon-one'), weights(repo, 'out-muon-ddp')
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    # refused before any process group starts: one process with torchrun's variables says it
+    p = subprocess.run([sys.executable, 'train.py', *args, '--fsdp=True', '--out_dir=out-muon-fsdp'], cwd=repo,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, RANK='0', LOCAL_RANK='0', WORLD_SIZE='1'))
+    assert_one_line_error(p, "optimizer='muon'", 'FSDP keeps only a shard', 'fsdp=False')
