@@ -76,7 +76,8 @@ def draw(out_dirs, path=None):
                 rs = [r for r in evs if field in r]
                 ax.plot([r['tokens'] for r in rs], [r[field] for r in rs], 'o-', color=color, mfc=mfc,
                         label=f'{name} {split}')
-    labels = {'loss': 'loss (cross-entropy, nats per token)', 'bpb': 'bits per byte (any tokenizer: loss / ln 2 per byte of text)',
+    labels = {'loss': 'loss (cross-entropy, nats per token)',
+              'bpb': 'bits per byte (any tokenizer: loss / ln 2 per byte of text)',
               'hellaswag_acc_norm': 'HellaSwag acc_norm (0.25: chance)'}
     for ax, panel in zip(axes[0], panels):
         ax.set_xlabel('tokens seen')
