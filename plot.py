@@ -1,5 +1,5 @@
 """
-Plots train and val loss against tokens seen, from the log.jsonl that train.py writes in its
+Plots train and val loss (and bits per byte, HellaSwag) against tokens seen, from the log.jsonl that train.py writes in its
 out_dir (one JSON object per log or evaluation line):
 
     python plot.py out-shakespeare-char-cpu                  # writes out-shakespeare-char-cpu/loss.png
@@ -47,7 +47,8 @@ class RunLog:
 
 def draw(out_dirs, path=None):
     """Draw each run's training loss (thin) and its evaluations (dots: train hollow, val filled)
-    against tokens seen; write the PNG to path (default: the first run's loss.png)."""
+    against tokens seen, with panels beside it for bits per byte and HellaSwag where the logs have
+    them; write the PNG to path (default: the first run's loss.png)."""
     try:
         import matplotlib
     except ImportError:
@@ -55,20 +56,35 @@ def draw(out_dirs, path=None):
     matplotlib.use('Agg')  # draw to a file; no window, no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, out_dir in enumerate(out_dirs):
-        records, color = read_log(out_dir), f'C{i}'
+    runs = [(os.path.basename(os.path.normpath(d)), read_log(d)) for d in out_dirs]
+    evals = [[r for r in records if 'val_loss' in r] for _, records in runs]
+    # a panel for bits per byte (comparable across tokenizers) and one for HellaSwag, when the logs have them
+    panels = ['loss'] + [p for p, field in (('bpb', 'val_bpb'), ('hellaswag_acc_norm', 'hellaswag_acc_norm'))
+                         if any(field in r for e in evals for r in e)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5), squeeze=False)
+    for i, ((name, records), evs) in enumerate(zip(runs, evals)):
+        color = f'C{i}'
         steps = [r for r in records if 'loss' in r]
-        evals = [r for r in records if 'val_loss' in r]
-        name = os.path.basename(os.path.normpath(out_dir))
-        ax.plot([r['tokens'] for r in steps], [r['loss'] for r in steps], color=color, alpha=0.35, lw=0.8)
-        ax.plot([r['tokens'] for r in evals], [r['train_loss'] for r in evals], 'o-', color=color,
-                mfc='white', label=f'{name} train')
-        ax.plot([r['tokens'] for r in evals], [r['val_loss'] for r in evals], 'o-', color=color, label=f'{name} val')
-    ax.set_xlabel('tokens seen')
-    ax.set_ylabel('loss (cross-entropy, nats per token)')
-    ax.grid(alpha=0.3)
-    ax.legend()
+        for ax, panel in zip(axes[0], panels):
+            if panel == 'loss':
+                ax.plot([r['tokens'] for r in steps], [r['loss'] for r in steps], color=color, alpha=0.35, lw=0.8)
+            if panel == 'hellaswag_acc_norm':
+                rs = [r for r in evs if panel in r]
+                ax.plot([r['tokens'] for r in rs], [r[panel] for r in rs], 'o-', color=color, label=name)
+                continue
+            for split, mfc in (('train', 'white'), ('val', color)):  # train hollow, val filled
+                field = f'{split}_{panel}'  # train_loss, val_loss, train_bpb, val_bpb
+                rs = [r for r in evs if field in r]
+                ax.plot([r['tokens'] for r in rs], [r[field] for r in rs], 'o-', color=color, mfc=mfc,
+                        label=f'{name} {split}')
+    labels = {'loss': 'loss (cross-entropy, nats per token)',
+              'bpb': 'bits per byte (any tokenizer: loss / ln 2 per byte of text)',
+              'hellaswag_acc_norm': 'HellaSwag acc_norm (0.25: chance)'}
+    for ax, panel in zip(axes[0], panels):
+        ax.set_xlabel('tokens seen')
+        ax.set_ylabel(labels[panel])
+        ax.grid(alpha=0.3)
+        ax.legend()
     path = path or os.path.join(out_dirs[0], 'loss.png')
     fig.savefig(path + '.tmp.png', dpi=120, bbox_inches='tight')
     os.replace(path + '.tmp.png', path)  # a viewer refreshing the file never sees half an image

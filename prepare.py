@@ -18,7 +18,6 @@ The tokenizers themselves live in tokenizer.py; importing this file does nothing
 
 import argparse
 import collections
-import glob
 import http.client
 import json
 import os
@@ -32,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from tokenizer import DATA_DIR, GPT2_EOT, DataError, Tokenizer, eot_of, gpt2_encoding, hf_tokenizer, need
+from tokenizer import DATA_DIR, GPT2_EOT, DataError, Tokenizer, eot_of, find_files, gpt2_encoding, hf_tokenizer, need
 
 HF_ENDPOINT = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')  # mirrors set HF_ENDPOINT
 
@@ -71,17 +70,6 @@ def download(url, path):
         raise DataError(f"cannot download {url} ({getattr(e, 'reason', e)}). Without access to it, put the file "
                         f"at {path} yourself, or pass its path with --input (and --val_input)") from None
     os.replace(path + '.tmp', path)
-
-
-def find_files(pattern):
-    """The files of --input: a file, a folder (every .txt file in it, recursively) or a glob."""
-    if os.path.isfile(pattern):
-        return [pattern]
-    found = glob.glob(os.path.join(pattern, '**', '*.txt') if os.path.isdir(pattern) else pattern, recursive=True)
-    files = sorted(f for f in found if os.path.isfile(f))
-    if not files:
-        raise DataError(f"--input '{pattern}' is no file, and no .txt files match it")
-    return files
 
 
 # A document without separators is cut at a line end between two visible characters: the

@@ -158,7 +158,7 @@ def test_load_model_from_a_folder_a_file_and_last_pt(repo, capsys, monkeypatch):
 
 
 PROJECT = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith('.py') and not f.startswith('test_'))
-MODULES = {'model', 'configurator', 'tokenizer', 'checkpoint', 'plot'}  # plot.py: a command that train.py imports too
+MODULES = {'model', 'configurator', 'tokenizer', 'checkpoint', 'scoring', 'plot'}  # plot.py: a command that train.py imports too
 
 
 def imports_of(name):

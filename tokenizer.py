@@ -12,15 +12,18 @@ A tokenizer is described by a small dict, meta.json's "tokenizer":
     {"type": "gpt2"}                                     GPT-2's BPE, from the committed data/gpt2.tiktoken
     {"type": "tokenizers", "file": "tokenizer.json"}     a Hugging Face tokenizers file beside the data
 
-prepare.py writes datasets with them; train.py, sample.py, export_hf.py and checkpoint.py read them.
+prepare.py writes datasets with them; train.py, sample.py, eval.py, export_hf.py and checkpoint.py read them.
+token_bytes() says how many UTF-8 bytes of text each id stands for, which bits per byte divides by.
 Nothing here downloads, and reading a dataset never runs code (JSON; nanoGPT's meta.pkl as plain data).
 """
 
 import base64
+import glob
 import hashlib
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 
@@ -46,6 +49,17 @@ def need(module, pip_name):
         return __import__(module)
     except ImportError:
         raise DataError(f"this needs the '{pip_name}' library: pip install {pip_name}") from None
+
+
+def find_files(pattern):
+    """The files of --input: a file, a folder (every .txt file in it, recursively) or a glob."""
+    if os.path.isfile(pattern):
+        return [pattern]
+    found = glob.glob(os.path.join(pattern, '**', '*.txt') if os.path.isdir(pattern) else pattern, recursive=True)
+    files = sorted(f for f in found if os.path.isfile(f))
+    if not files:
+        raise DataError(f"--input '{pattern}' is no file, and no .txt files match it")
+    return files
 
 
 def gpt2_encoding():
@@ -81,7 +95,11 @@ class Tokenizer:
 
     def __init__(self, spec, data_dir='.', eot=None):
         self.spec, self.eot = spec, eot
+        self._token_bytes = None  # token_bytes(), computed at the first call
         kind = spec['type']
+        # special_ids: the ids that stand for no text (end-of-text, chat markers); bits per byte counts them as
+        # 0 bytes and leaves their loss out. A tokenizer that appends special tokens adds their ids here.
+        self.special_ids = set() if eot is None else {eot}
         if kind == 'char':
             self.chars = spec['chars']
             self.stoi = {ch: i for i, ch in enumerate(self.chars)}
@@ -89,9 +107,11 @@ class Tokenizer:
         elif kind == 'gpt2':
             self.enc = gpt2_encoding()
             self.n_vocab = self.enc.n_vocab
+            self.special_ids.add(GPT2_EOT)  # whether or not the dataset uses it: it is no text
         elif kind == 'tokenizers':
             self.tok = hf_tokenizer(os.path.join(data_dir, spec['file']))
             self.n_vocab = self.tok.get_vocab_size()
+            self.special_ids |= {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         else:
             raise DataError(f"unknown tokenizer type '{kind}' in {data_dir}/meta.json")
 
@@ -112,6 +132,38 @@ class Tokenizer:
         if kind == 'char':
             return ''.join(self.chars[i] for i in ids)
         return self.enc.decode(ids) if kind == 'gpt2' else self.tok.decode(ids)
+
+    def token_bytes(self):
+        """(n_vocab,) int32 array: how many UTF-8 bytes of text each id stands for, 0 for special_ids; computed
+        once. Summed over the ids encode(text) gives, it is len(text.encode('utf-8')): bits per byte's divisor."""
+        if self._token_bytes is None:
+            bytes_of = self.bytes_counter()
+            self._token_bytes = np.array([0 if i in self.special_ids else bytes_of(i) for i in range(self.n_vocab)],
+                                         dtype=np.int32)
+        return self._token_bytes
+
+    def bytes_counter(self):
+        """bytes_of(id) -> the UTF-8 bytes of text an id stands for, the way of this kind of tokenizer."""
+        kind = self.spec['type']
+        if kind == 'char':
+            return lambda i: len(self.chars[i].encode('utf-8'))
+        if kind == 'gpt2':
+            # the token's own bytes: a token may be part of a character (an emoji is 2 or 3 tokens), for which
+            # len(decode([i]).encode()) would count the 3 bytes of U+FFFD instead
+            return lambda i: len(self.enc.decode_single_token_bytes(i))
+        added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}  # stored as their text
+        decoder = json.dumps(json.loads(self.tok.to_str()).get('decoder'))
+        if '"ByteLevel"' in decoder:
+            # byte-level BPE (GPT-2's kind, Qwen2's, prepare.py's --tokenizer=bpe): every byte is written as one
+            # of 256 printable characters (GPT-2's bytes_to_unicode), so each character of a token is one byte
+            alphabet = set(need('tokenizers', 'tokenizers').pre_tokenizers.ByteLevel.alphabet())
+            return lambda i: (len(added[i].encode('utf-8')) if i in added else
+                              sum(1 if c in alphabet else len(c.encode('utf-8')) for c in self.tok.id_to_token(i)))
+
+        def sentencepiece(i):  # Llama 2's and Mistral's conventions: '<0x0A>' is one byte, '\u2581' a space
+            token = added.get(i, self.tok.id_to_token(i) or '')
+            return 1 if re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', token) else len(token.replace('\u2581', ' ').encode('utf-8'))
+        return sentencepiece
 
     def array_encoder(self):
         """encode(text) -> array of uint32 ids: the fastest way of each tokenizer, for large corpora."""

@@ -30,6 +30,7 @@ from checkpoint import (autocast_context, check_accumulation, compile_checked, f
                         save_checkpoint, split_model_args, step_seed, use_device, without_fused)
 from model import GPT, GPTConfig
 from plot import RunLog
+from scoring import bits_per_byte, hellaswag_counts, hellaswag_file, read_hellaswag, render_hellaswag, score_sums
 from tokenizer import DATA_DIR, DataError, load_meta, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -45,6 +46,7 @@ checkpoint_interval = 0  # iterations between saves of last.pt; 0: at every eval
 eval_sample = ''  # a prompt whose continuation is printed at each evaluation ('' = none), to watch learning
 eval_sample_tokens = 200  # tokens of that continuation
 eval_sample_temperature = 0.8  # drawn (top_k 200, from seed; the run's random state is left as it was); 0: greedy
+eval_hellaswag = 0  # HellaSwag items scored at each evaluation (GPT-2 BPE data only): 0 = off, 10042 = all
 plot = True  # write out_dir/loss.png at each evaluation (pip install matplotlib); every line goes to log.jsonl
 watch_interval = 30  # seconds: the plot and the sample at an evaluation at most this often (and at the last)
 init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt, else ckpt.pt) | 'gpt2' ... 'gpt2-xl' | an HF folder
@@ -142,9 +144,17 @@ except DataError as e:
 for split in ('train', 'val'):
     if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
         fail(f"{data_dir}/{split}.bin is missing: run 'python prepare.py {dataset}' again")
+try:
+    tok = load_tokenizer(meta, data_dir)
+    token_bytes = torch.tensor(tok.token_bytes(), device=device)  # UTF-8 bytes per id, for bits per byte
+    if eval_hellaswag and meta['tokenizer']['type'] != 'gpt2':
+        fail(f"eval_hellaswag needs data in GPT-2's BPE, but data/{dataset} is tokenized as "
+             f"'{meta['tokenizer']['type']}' (eval.py --task=hellaswag scores any model)")
+    hellaswag = read_hellaswag(hellaswag_file(), eval_hellaswag) if eval_hellaswag > 0 else []  # now, not later
+except DataError as e:
+    fail(e)
 if eval_sample:
     try:  # now, not at the first evaluation
-        tok = load_tokenizer(meta, data_dir)
         sample_ids = tok.encode(eval_sample)
     except DataError as e:
         fail(f"eval_sample: {e}")
@@ -244,6 +254,7 @@ for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inpu
     if n_tokens < block_size + 1:
         fail(f"the {split} split of '{dataset}' has {n_tokens:,} tokens, fewer than block_size + 1 = "
              f"{block_size + 1}: lower --block_size or give the split more text")
+hellaswag = [(*render_hellaswag(c, endings, tok, block_size), label) for _, c, endings, label in hellaswag]
 
 raw_model = model  # the plain module: its state_dict names have no '_orig_mod.' or 'module.' prefix
 if ddp and fsdp:
@@ -313,20 +324,23 @@ def save(names):
 @torch.no_grad()
 def estimate_loss():
     """Mean loss on each split over the same eval_iters batches every time, in every run,
-    whatever the seed or the number of processes (each takes every world-th batch)."""
+    whatever the seed or the number of processes (each takes every world-th batch); and its bits
+    per byte ('train_bpb', 'val_bpb': scoring.py)."""
     out = {}
     model.eval()  # dropout off
     rounds = math.ceil(eval_iters / world)  # every process runs as many forward passes (FSDP needs it)
     for i, split in enumerate(('train', 'val')):
-        total = torch.zeros((), device=device)
+        total = torch.zeros(3, device=device)  # the batches' mean losses; the loss of the text targets, their bytes
         for k in range(rank, rounds * world, world):
             X, Y = get_batch(split, (0, 1 + i, min(k, eval_iters - 1), 0))  # 1, 2: never a training stream
             with ctx:
-                _, loss = model(X, Y)
-            total += loss.float() if k < eval_iters else 0.0
+                logits, loss = model(X, Y)
+            if k < eval_iters:
+                total += torch.cat([loss.float().view(1), score_sums(logits, Y, token_bytes)[2:]])
         if ddp:
             dist.all_reduce(total)
-        out[split] = total.item() / eval_iters
+        out[split] = total[0].item() / eval_iters
+        out[f'{split}_bpb'] = bits_per_byte(*total[1:].tolist())
     model.train()
     return out
 
@@ -404,14 +418,19 @@ while True:
                  f"on disk are from before (lower learning_rate, or use bfloat16 instead of float16)")
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
+        scores = dict(train_bpb=losses['train_bpb'], val_bpb=losses['val_bpb'])
+        if hellaswag:  # raw_model: one compiled graph per item length would recompile; FSDP's hooks are on it
+            n, right, right_norm = hellaswag_counts(raw_model, hellaswag, device, ctx, rank, world).tolist()
+            scores.update(hellaswag_acc=right / n, hellaswag_acc_norm=right_norm / n)
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-            f" (best {best_val_loss:.4f})")
+            f" (best {best_val_loss:.4f}), train bpb {losses['train_bpb']:.4f}, val bpb {losses['val_bpb']:.4f}"
+            + (f", hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f}" if hellaswag else ''))
         # the plot and the sample are for a person watching: drawing takes 0.2-2 s, a 100-token sample 0.3-1 s,
         # at every evaluation 5-10% of nanoGPT's CPU command (cProfile, issue 14); so not more often than this
         watch = eval_only or iter_num >= max_iters or time.perf_counter() - watched_at >= watch_interval
         watched_at = time.perf_counter() if watch else watched_at
         record(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'], val_loss=losses['val'],
-               plot=watch)
+               **scores, plot=watch)
         if eval_sample and watch:  # the random state is put back afterwards, so watching does not change the run
             x = torch.tensor([sample_ids], dtype=torch.long, device=device)  # (1, T)
             model.eval()
@@ -422,7 +441,8 @@ while True:
             model.train()
             log(f"sample: {tok.decode(y[0].tolist())!r}")
         if wandb_log and master:
-            wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
+            wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
+                       **{k.replace('_', '/', 1): v for k, v in scores.items()}})
         if iter_num > 0 and not eval_only:  # last.pt at every save, so that it is always the latest
             save(['last.pt'] + (['ckpt.pt'] if improved or always_save_checkpoint else []))
         t0 = time.perf_counter()  # evaluation time is not training time

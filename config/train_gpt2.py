@@ -28,6 +28,7 @@ weight_decay = 1e-1
 
 eval_interval = 1000
 eval_iters = 200
+eval_hellaswag = 10042  # all of HellaSwag's validation split at each evaluation (docs/eval.md: GPT-2 124M reads 0.2955)
 log_interval = 10
 checkpoint_interval = 250  # a preempted job loses at most 250 steps
 
