@@ -60,6 +60,9 @@ DATASETS = {
     # parquet conversion (revision refs/convert/parquet) loads with any recent release.
     'openwebtext': dict(hub='Skylion007/openwebtext', tokenizer='gpt2', val_fraction=0.0005),  # nanoGPT's 0.05%
     # instruction/input/output records (Stanford Alpaca's 52,002; the Chinese translation's 48,818), for chat SFT
+    # a skill for a character model to learn on a CPU in minutes (docs/chat.md): 3 letters in, in capitals out;
+    # 'again' repeats the last answer. 2,000 conversations (test_chat.py's skill(2000, 2)); 100 words held out
+    'letters_chat': dict(files=['conversations.jsonl'], chat=True, tokenizer='data/shakespeare_char', val_fraction=0.05),
     'alpaca': dict(hub='tatsu-lab/alpaca', tokenizer='gpt2', chat=True, val_fraction=0.02),
     'alpaca_zh': dict(hub='shibing624/alpaca-zh', tokenizer='gpt2', chat=True, val_fraction=0.02),
 }
@@ -274,8 +277,8 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1, not {val_fraction}")
     if spec.get('chat') or (input and is_conversations(input)):
-        records = lambda: read_records(input and find_files(input, CHAT_FILES), val_input and find_files(val_input, CHAT_FILES),
-                                       spec.get('hub'))
+        files = find_files(input, CHAT_FILES) if input else [os.path.join(DATA_DIR, name, f) for f in spec.get('files', [])]
+        records = lambda: read_records(files, val_input and find_files(val_input, CHAT_FILES), spec.get('hub'))
         return write_dataset(out_dir, lambda tmp: encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp))
     if tokenizer not in ('char', 'gpt2', 'bpe'):  # a tokenizer.json, or a model folder holding one (e.g. Qwen2's)
         tokenizer = os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer

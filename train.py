@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from checkpoint import (autocast_context, from_pretrained, load_checkpoint, peak_flops, pick_device, pick_dtype,
-                        save_checkpoint)
+from checkpoint import (autocast_context, from_pretrained, grow_for_chat, load_checkpoint, peak_flops, pick_device,
+                        pick_dtype, save_checkpoint)
 from model import GPT, GPTConfig
 from plot import RunLog
 from tokenizer import DATA_DIR, DataError, load_meta, load_tokenizer
@@ -260,14 +260,10 @@ else:
     fail(f"init_from must be 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
          f"Hugging Face folder, not '{init_from}'")
 if chat and init_from not in ('scratch', 'resume'):  # ids the base never learned: the markers, new characters
-    base_data = base and os.path.join(DATA_DIR, base['config'].get('dataset', ''))
-    known = (load_meta(base_data)['vocab_size'] if base and os.path.isfile(os.path.join(base_data, 'meta.json'))
-             else meta['chat']['base_vocab_size'] if base else 50257)  # the ids the base model learned
-    if not meta['chat']['base_vocab_size'] <= known <= meta['vocab_size'] <= vocab_size or model.config.vocab_size < known:
-        fail(f"the model knows {known:,} ids, but data/{dataset}'s ids extend a tokenizer of "
-             f"{meta['chat']['base_vocab_size']:,}: its vocabulary cannot be grown to fit another tokenizer; "
-             f"prepare the conversations with --tokenizer=data/<the dataset the model learned>")
-    added = model.grow_vocab(vocab_size, known)
+    try:
+        known, added = grow_for_chat(model, base, meta, vocab_size)
+    except (ValueError, DataError) as e:
+        fail(f"{e}: prepare the conversations with --tokenizer=data/<the dataset the model learned>")
     model_args['vocab_size'] = model.config.vocab_size
     log(f"the embedding and the tied lm_head grow by {added} rows to {vocab_size:,}; ids {known:,}.."
         f"{meta['vocab_size'] - 1:,} (the chat template's tokens, new characters) start at the mean of the others")
