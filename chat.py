@@ -71,7 +71,8 @@ class Context:
     same positions, the same keys and values); any other prompt is fed again from the start."""
 
     def __init__(self):
-        self.ids, self.cache, self.logits = [], None, None
+        self.ids, self.cache = [], None
+        self.dropped = False  # whether turns were dropped, which is said once
 
     @torch.no_grad()
     def feed(self, ids):
@@ -101,14 +102,13 @@ def reply(history, context):
     """Generate the assistant's turn, printing it as it comes; return its text."""
     prompt = tok.render_prompt(history)
     reserve = min(max_new_tokens, block_size // 2)  # room for the reply
-    while len(prompt) > block_size - reserve and len(history) > 1 + (history[0]['role'] == 'system'):
+    first = int(history[0]['role'] == 'system')  # the system prompt stays
+    while len(prompt) > block_size - reserve and len(history) > first + 1:
         if not context.dropped:
             print(f"(the conversation outgrows the model's context of {block_size} tokens: its oldest turns are "
                   f"dropped)", file=sys.stderr)
-            context.dropped = True
-        del history[history[0]['role'] == 'system']  # the oldest message after the system prompt
-        while history[history[0]['role'] == 'system']['role'] != 'user':
-            del history[history[0]['role'] == 'system']
+        context.dropped = True
+        del history[first:first + 2]  # the oldest user turn and its reply
         prompt = tok.render_prompt(history)
     prompt = prompt[-block_size:]  # one user turn longer than the context: its end
     logits, out, shown = context.feed(prompt), [], ''
@@ -130,9 +130,7 @@ def reply(history, context):
 
 
 def new_conversation():
-    context = Context()
-    context.dropped = False
-    return [dict(role='system', content=system)] if system else [], context
+    return [dict(role='system', content=system)] if system else [], Context()
 
 
 history, context = new_conversation()
