@@ -220,7 +220,8 @@ def test_a_finetuned_model_answers_held_out_questions(repo):
     run(repo, 'prepare.py', 'skill2k', f'--input={write_jsonl(repo / "skill2k.jsonl", skill(2000, 2))}',
         '--tokenizer=char')
     # 2 x 64 wide: the loss sits at ~1.73 (the letters' entropy: no copying yet) until ~step 150, then falls to
-    # ~0.001 by step 500 (at 400, 'again' was right 69 times in 100); one thread: on 2 busy cores 4x faster than two contending ones (~90 ms a step)
+    # ~0.001 by step 500 (at 400, 'again' was right 69 times in 100); one thread: on 2 busy cores 4x faster
+    # than two contending ones (~90 ms a step)
     one_thread = dict(os.environ, OMP_NUM_THREADS='1')
     import subprocess
     train = subprocess.run([sys.executable, 'train.py', *TINY[1:], '--dataset=skill2k', '--n_layer=2', '--n_embd=64',

@@ -46,13 +46,13 @@ eval_sample = ''  # a prompt whose continuation is printed at each evaluation ('
 eval_sample_tokens = 200  # tokens of that continuation
 eval_sample_temperature = 0.0  # 0: greedy (the same text each time, until the model changes its mind)
 plot = True  # write out_dir/loss.png at each evaluation (pip install matplotlib); every line goes to log.jsonl
-init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt, else ckpt.pt) | 'gpt2' ... 'gpt2-xl' | an HF folder | a .pt file
+init_from = 'scratch'  # 'scratch' | 'resume' (out_dir's last.pt, else ckpt.pt) | 'gpt2'..'gpt2-xl' | HF folder | FILE.pt
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
 wandb_project = 'owt'  # the W&B project the run is logged under
 wandb_run_name = 'gpt2'  # the run's name in that project
 # data
-dataset = 'openwebtext'  # data/<dataset>/, made by prepare.py (conversations too: then only the assistant's tokens are targets)
+dataset = 'openwebtext'  # data/<dataset>/, made by prepare.py (of conversations: assistant tokens are targets)
 gradient_accumulation_steps = 40  # micro-batches per optimizer step, over all processes together
 batch_size = 12  # sequences per micro-batch
 block_size = 1024  # context length, in tokens
@@ -280,9 +280,9 @@ for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inpu
         fail(f"the {split} split of '{dataset}' has {n_tokens:,} tokens, fewer than block_size + 1 = "
              f"{block_size + 1}: lower --block_size or give the split more text")
 if chat:
-    lengths = np.diff(np.fromfile(os.path.join(data_dir, 'train_starts.bin'), dtype=np.uint64), append=meta['train_tokens'])
-    log(f"{len(lengths):,} train conversations, {(lengths > block_size + 1).sum():,} of them longer than block_size + 1 "
-        f"= {block_size + 1} tokens: cut at the end of their row")
+    n = np.diff(np.fromfile(os.path.join(data_dir, 'train_starts.bin'), dtype=np.uint64), append=meta['train_tokens'])
+    log(f"{len(n):,} train conversations, {(n > block_size + 1).sum():,} of them longer than block_size + 1 = "
+        f"{block_size + 1} tokens: cut at the end of their row")
 
 raw_model = model  # the plain module: its state_dict names have no '_orig_mod.' or 'module.' prefix
 if compile:
