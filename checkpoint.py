@@ -407,6 +407,20 @@ def from_pretrained(name_or_path, override_args=None):
     return model
 
 
+def grow_for_chat(model, base, meta, vocab_size):
+    """Fit a base model to a chat dataset (meta) whose ids extend its tokenizer: the ids it never learned (the
+    template's markers, new characters) get fresh rows of wte (model.grow_vocab), which grows to vocab_size rows
+    if smaller. base: the checkpoint the model came from (None: GPT-2's weights). Returns (ids the base knew,
+    rows added); a ValueError when the base learned another tokenizer, which growing cannot mend."""
+    data = os.path.join(DATA_DIR, base['config'].get('dataset', '')) if base else None
+    known = (load_meta(data)['vocab_size'] if data and os.path.isfile(os.path.join(data, 'meta.json')) else
+             meta['chat']['base_vocab_size'] if base else 50257)  # GPT-2's weights: its 50,257 ids
+    if not meta['chat']['base_vocab_size'] <= known <= meta['vocab_size'] or model.config.vocab_size < known:
+        raise ValueError(f"the model knows {known:,} ids, but the chat data's extend a tokenizer of "
+                         f"{meta['chat']['base_vocab_size']:,}: its vocabulary cannot be grown to fit another tokenizer")
+    return known, model.grow_vocab(vocab_size, known)
+
+
 # -----------------------------------------------------------------------------
 # one call: a ready model and its tokenizer, from wherever it is
 

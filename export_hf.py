@@ -7,7 +7,10 @@ built on it) load as they load OpenAI's GPT-2 (checkpoint.py reads such folders:
 
 The folder holds config.json, model.safetensors and the tokenizer: for GPT-2 BPE data vocab.json,
 merges.txt and tokenizer.json, derived from data/gpt2.tiktoken; for data with its own tokenizer.json,
-a copy of it; for a character vocabulary nothing (it has no Hugging Face form). Only bias=True
+a copy of it; for a character vocabulary nothing (it has no Hugging Face form). A chat model (tokenizer.py's
+template) adds its markers as special tokens and a chat_template to tokenizer_config.json, so that
+tokenizer.apply_chat_template(messages, add_generation_prompt=True) gives the ids chat.py feeds, and greedy
+generate (which stops at the markers: generation_config.json) gives chat.py --temperature=0's reply. Only bias=True
 models without architecture switches have GPT-2's layout (checkpoint.py says how it differs from ours).
 """
 
@@ -78,6 +81,35 @@ def write_gpt2_tokenizer(folder, block_size, tk):
     tok.save(os.path.join(folder, 'tokenizer.json'))
 
 
+# tokenizer.py's layout in Jinja, the language of transformers' chat templates: <|role|>content<|end|> per
+# message, then <|assistant|> when a reply is to follow
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def add_chat_template(folder, tok, tk):
+    """The chat template's markers as special tokens of folder's tokenizer.json, with the same ids (they follow
+    every other id), and the template itself in tokenizer_config.json. Text between markers is encoded on its
+    own, as tokenizer.py encodes each message's content."""
+    path = os.path.join(folder, 'tokenizer.json')
+    hf = tk.Tokenizer.from_file(path)
+    hf.add_special_tokens([tk.AddedToken(name, special=True, normalized=False) for name in tok.special])
+    wrong = {name: hf.token_to_id(name) for name, i in tok.special.items() if hf.token_to_id(name) != i}
+    if wrong:
+        raise ValueError(f"the chat markers got ids {wrong} in the exported tokenizer, not {tok.special}")
+    hf.save(path)
+    config_path = os.path.join(folder, 'tokenizer_config.json')
+    with open(config_path, encoding='utf-8') as f:
+        config = json.load(f)
+    config.update(chat_template=CHAT_TEMPLATE, eos_token='<|end|>', added_tokens_decoder={
+        str(i): dict(content=name, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        for name, i in tok.special.items()})
+    write_json(config_path, config)
+    # generate() stops where chat.py does: at <|end|>, or a marker that would open another turn
+    write_json(os.path.join(folder, 'generation_config.json'), dict(eos_token_id=sorted(tok.special_ids),
+                                                                     pad_token_id=tok.special['<|end|>']))
+
+
 def write_json(path, obj):
     with open(path, 'w', encoding='utf-8') as f:
         json.dump(obj, f, indent=2)
@@ -146,6 +178,9 @@ def export():
             write_json(os.path.join(tmp, 'tokenizer_config.json'), dict(tokenizer_class='PreTrainedTokenizerFast',
                        model_max_length=config.block_size, eos_token=None if eot is None else tok.tok.id_to_token(eot)))
             written = f"data/{dataset}'s tokenizer.json"
+        if tok.special and tokenizer != 'char':
+            add_chat_template(tmp, tok, tk)
+            written += ", the chat template's markers and chat_template"
         else:
             written = (f"no tokenizer: a character vocabulary has no Hugging Face form; token i is character i of "
                        f"data/{dataset}/meta.json's \"chars\"")
@@ -153,8 +188,8 @@ def export():
             os.replace(hf_dir, tmp + '.old')
         os.replace(tmp, hf_dir)
         shutil.rmtree(tmp + '.old', ignore_errors=True)
-    except OSError as e:
-        fail(f"cannot write {hf_dir} ({e.strerror or e})")
+    except (OSError, ValueError) as e:
+        fail(f"cannot write {hf_dir} ({getattr(e, 'strerror', None) or e})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a failure: what was written so far (renamed away on success)
     print(f"wrote {hf_dir}: a GPT-2 of {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, "

@@ -328,8 +328,9 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None, kv_cache=None):
-        """kv_cache: None, or one KVCache per block holding the tokens before idx (generate)."""
+    def forward(self, idx, targets=None, kv_cache=None, reduction='mean'):
+        """kv_cache: None, or one KVCache per block holding the tokens before idx (generate).
+        reduction: 'mean' over the targets that count, or their 'sum' (0, not NaN, when none counts)."""
         B, T = idx.size()  # batch size, sequence length
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
@@ -351,7 +352,8 @@ class GPT(nn.Module):
             logits = self.lm_head(x)  # (B, T, vocab_size)
             # mean cross-entropy over every position, flattened to (B*T, vocab_size) and (B*T,);
             # a target of -1 is ignored
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                                   reduction=reduction)
         else:
             # generating needs the next token only: project just the last position.
             # Indexing with a list, [-1], keeps the time dimension: (B, 1, vocab_size)
@@ -366,6 +368,21 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         if self.transformer.wpe is not None:  # rotary positions are computed, not stored: nothing to crop
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size, known):
+        """Give ids known.. (new tokens: a chat template's markers, new characters) fresh embeddings, growing wte
+        (and lm_head, the same tensor) to vocab_size rows if it has fewer. Each new row starts at the mean of the
+        known rows, so a new token's logit starts near the average one, not at an outlier that a random or
+        trained-down padding row would be (Hewitt 2021, "Initializing new word embeddings for pretrained
+        language models"). Returns the number of rows added."""
+        wte = self.transformer.wte.weight  # (old vocab_size, C)
+        added = max(0, vocab_size - wte.size(0))
+        rows = torch.cat([wte, wte.new_zeros(added, wte.size(1))]) if added else wte.clone()  # (vocab_size, C)
+        rows[known:] = wte[:known].mean(dim=0)
+        self.transformer.wte.weight = self.lm_head.weight = nn.Parameter(rows)  # still tied: one tensor
+        self.transformer.wte.num_embeddings = self.lm_head.out_features = self.config.vocab_size = rows.size(0)
+        return added
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
                              muon_learning_rate=0.02, muon_momentum=0.95):

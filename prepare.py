@@ -7,11 +7,20 @@ Turns a text corpus into token ids that train.py reads (python prepare.py --help
     python prepare.py openwebtext                          # OpenWebText from the hub (pip install datasets)
     python prepare.py novel --input=novel.txt --tokenizer=char         # your own text (a file, folder or glob)
     python prepare.py mine --input='books/*.txt' --tokenizer=bpe --vocab_size=8192
+    python prepare.py sft --input=chats.jsonl --tokenizer=data/shakespeare_char   # conversations (see below)
+    python prepare.py alpaca                               # tatsu-lab/alpaca from the hub; alpaca_zh: shibing624/alpaca-zh
 
 Each writes data/<name>/train.bin and val.bin (flat arrays of token ids) and meta.json, which says how to
 read them (dtype) and how to turn ids back into text (the tokenizer). Processes on every core encode the
 text a chunk at a time, so a corpus larger than memory works; every file is written under a temporary
 name and renamed at the end, so an interrupted run never leaves a truncated train.bin behind.
+
+Conversations (.jsonl files, .json arrays, or folders and globs of them; each record an OpenAI/Hugging Face
+"messages" list, a ShareGPT "conversations" list or an Alpaca instruction/input/output) go through the chat
+template of tokenizer.py instead, and also write <split>_mask.bin (uint8, 1 where a target counts: the
+assistant's tokens) and <split>_starts.bin (uint64 offsets where each conversation starts). Conversations are
+small next to pretraining corpora (Alpaca: 52k records, 20 MB), so they are read in one process, in memory.
+--tokenizer=data/<dataset> reuses exactly the tokenizer of a prepared dataset (the one a base model learned).
 
 The tokenizers themselves live in tokenizer.py; importing this file does nothing but define things.
 """
@@ -31,7 +40,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from tokenizer import DATA_DIR, GPT2_EOT, DataError, Tokenizer, eot_of, find_files, gpt2_encoding, hf_tokenizer, need
+from tokenizer import (DATA_DIR, GPT2_EOT, DataError, Tokenizer, chat_template, conversation_messages, eot_of,
+                       find_files, gpt2_encoding, hf_tokenizer, load_meta, load_tokenizer, need)
 
 HF_ENDPOINT = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')  # mirrors set HF_ENDPOINT
 
@@ -48,7 +58,15 @@ DATASETS = {
     # 8M web documents. The hub's copy used a loading script, which datasets >= 4 refuses; its
     # parquet conversion (revision refs/convert/parquet) loads with any recent release.
     'openwebtext': dict(hub='Skylion007/openwebtext', tokenizer='gpt2', val_fraction=0.0005),  # nanoGPT's 0.05%
+    # instruction/input/output records (Stanford Alpaca's 52,002; the Chinese translation's 48,818), for chat SFT
+    # a skill for a character model to learn on a CPU in minutes (docs/chat.md): 3 letters in, in capitals out;
+    # 'again' repeats the last answer. 2,000 conversations (test_chat.py's skill(2000, 2)); 100 words held out
+    'letters_chat': dict(files=['conversations.jsonl'], chat=True, tokenizer='data/shakespeare_char', val_fraction=0.05),
+    'alpaca': dict(hub='tatsu-lab/alpaca', tokenizer='gpt2', chat=True, val_fraction=0.02),
+    'alpaca_zh': dict(hub='shibing624/alpaca-zh', tokenizer='gpt2', chat=True, val_fraction=0.02),
 }
+CHAT_FILES = ('.jsonl', '.json')
+CHAT_BINS = ('train_mask.bin', 'val_mask.bin', 'train_starts.bin', 'val_starts.bin')  # beside a chat dataset's ids
 CHUNK_BYTES = 1 << 20  # text is encoded in chunks of ~1 MB: small enough to spread over cores
 
 
@@ -70,6 +88,14 @@ def download(url, path):
         raise DataError(f"cannot download {url} ({getattr(e, 'reason', e)}). Without access to it, put the file "
                         f"at {path} yourself, or pass its path with --input (and --val_input)") from None
     os.replace(path + '.tmp', path)
+
+
+def is_conversations(pattern):
+    """--input names conversations: .jsonl/.json files, or a folder holding them (and no .txt)."""
+    if os.path.isdir(pattern):
+        return not glob.glob(os.path.join(pattern, '**', '*.txt'), recursive=True) and \
+            any(glob.glob(os.path.join(pattern, '**', '*' + e), recursive=True) for e in CHAT_FILES)
+    return pattern.endswith(CHAT_FILES)
 
 
 # A document without separators is cut at a line end between two visible characters: the
@@ -119,15 +145,16 @@ def count_documents(files, separator):
     return n
 
 
-def hub_batches(repo, n=256):
-    """Lists of n documents of a Hugging Face hub dataset, streamed (only its parquet files are cached)."""
+def hub_batches(repo, n=256, column='text'):
+    """Lists of n documents of a Hugging Face hub dataset, streamed (only its parquet files are cached);
+    column=None: lists of whole records (dicts)."""
     datasets = need('datasets', 'datasets')
     datasets.logging.set_verbosity_error()  # the error below says it in one line; no retry warnings
     need('huggingface_hub', 'huggingface_hub').utils.logging.set_verbosity_error()
     try:
         rows = datasets.load_dataset(repo, split='train', streaming=True, revision='refs/convert/parquet')
         for batch in rows.iter(batch_size=n):
-            yield batch['text']
+            yield batch[column] if column else [dict(zip(batch, row)) for row in zip(*batch.values())]
     except Exception as e:  # datasets raises many kinds: connection, HTTP, offline mode, ...
         raise DataError(f"cannot read {repo} from the hub at {HF_ENDPOINT} ({type(e).__name__}: {e}). Without "
                         f"access to it, put the text in .txt files and pass them with --input=FOLDER") from None
@@ -236,6 +263,10 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
     out_dir = os.path.join(DATA_DIR, name)
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1, not {val_fraction}")
+    if spec.get('chat') or (input and is_conversations(input)):
+        files = find_files(input, CHAT_FILES) if input else [os.path.join(DATA_DIR, name, f) for f in spec.get('files', [])]
+        records = lambda: read_records(files, val_input and find_files(val_input, CHAT_FILES), spec.get('hub'))
+        return write_dataset(out_dir, lambda tmp: encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp))
     if tokenizer not in ('char', 'gpt2', 'bpe'):  # a tokenizer.json, or a model folder holding one (e.g. Qwen2's)
         tokenizer = os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer
         if not os.path.isfile(tokenizer):
@@ -282,13 +313,19 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     workers = workers or (cores if n_bytes == 0 or n_bytes > 8 * CHUNK_BYTES else 1)
 
+    return write_dataset(out_dir, lambda tmp: encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers,
+                                                               separator, errors, out_dir, tmp))
+
+
+def write_dataset(out_dir, write):
+    """meta = write(tmp), which writes the dataset's files under the names tmp gives; then they replace the old ones."""
     # every file is written as .tmp and renamed at the end, so an old dataset stays whole until the new
     # one is complete; on any error, or Ctrl-C, the .tmp files go, and so does a folder this run created
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tmp = {f: os.path.join(out_dir, f + '.tmp') for f in ('train.bin', 'val.bin', 'tokenizer.json', 'meta.json')}
+    tmp = {f: os.path.join(out_dir, f + '.tmp') for f in ('train.bin', 'val.bin', 'tokenizer.json', *CHAT_BINS, 'meta.json')}
     try:
-        meta = encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, separator, errors, out_dir, tmp)
+        meta = write(tmp)
     except BaseException:
         for path in tmp.values():
             if os.path.exists(path):
@@ -379,14 +416,124 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
     return meta
 
 
+# -----------------------------------------------------------------------------
+# conversations: records of known shapes (tokenizer.conversation_messages) through the chat template
+
+def read_records(files, val_files, hub):
+    """(where, split, record) of each record: where is 'FILE:LINE' (None for a hub dataset's records, which are
+    skipped, and counted, when malformed); split is 'val' for --val_input's, else 'auto'."""
+    if hub and not files:
+        for batch in hub_batches(hub, column=None):
+            yield from ((None, 'auto', r) for r in batch)
+        return
+    for split, paths in (('auto', files), ('val', val_files or [])):
+        for path in paths:
+            try:
+                with open(path, encoding='utf-8') as f:
+                    lines = list(enumerate(f, 1)) if path.endswith('.jsonl') else [(1, f.read())]
+                records = []
+                for n, line in lines:
+                    if line.strip():
+                        data = json.loads(line)
+                        records += [(f"{path}:{n}", data)] if path.endswith('.jsonl') else \
+                            [(f"{path}: record {i + 1}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
+            except json.JSONDecodeError as e:
+                n = n if path.endswith('.jsonl') else e.lineno
+                raise DataError(f"{path}:{n} is not JSON ({e.msg}): a .jsonl file holds one record per line, a .json "
+                                f"file one record or an array of them") from None
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+            yield from ((where, split, r) for where, r in records)
+
+
+def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp):
+    """The chat template over every conversation: ids, masks and starts of both splits, meta.json (as .tmp files).
+    Every k-th conversation validates. Conversations are stored whole: train.py cuts one that outgrows a row."""
+    out_dir = os.path.dirname(tmp['meta.json'])
+    convs, skipped = [], 0
+    for where, split, record in records():
+        try:
+            convs.append([split, conversation_messages(record)])
+        except ValueError as e:
+            if where is None:  # the hub's datasets hold a few empty outputs: skipped, and said
+                skipped += 1
+                continue
+            raise DataError(f"{where}: {e}") from None
+    k, auto = max(2, round(1 / val_fraction)), [c for c in convs if c[0] == 'auto']
+    k = k if len(auto) < len(convs) else min(k, len(auto))  # without --val_input: at least the last one validates
+    for i, c in enumerate(auto):
+        c[0] = 'val' if (i + 1) % k == 0 else 'train'
+    if not any(s == 'train' for s, _ in convs):
+        raise DataError(f"the input has {len(convs)} conversation(s); at least 2 are needed (one trains, one validates)")
+    texts = lambda: (m['content'] for s, msgs in convs if s == 'train' for m in msgs)
+
+    # the base tokenizer: its ids keep their meaning; the new ones (characters, the markers) follow them
+    template, eot = None, None
+    if tokenizer.startswith('data/'):  # exactly the tokenizer of a prepared dataset (a base model's)
+        base_dir = os.path.join(DATA_DIR, tokenizer[len('data/'):])
+        try:
+            base = load_meta(base_dir)
+        except DataError as e:
+            raise DataError(f"--tokenizer={tokenizer}: {e}") from None
+        spec, eot, template = base['tokenizer'], base.get('eot_id'), base.get('chat')  # a chat dataset's: as it is
+        base_vocab = template['base_vocab_size'] if template else base['vocab_size']
+        if spec['type'] == 'tokenizers':
+            shutil.copy(os.path.join(base_dir, spec['file']), tmp['tokenizer.json'])
+            spec = dict(spec, file='tokenizer.json')
+    elif tokenizer == 'char':
+        spec, base_vocab = dict(type='char', chars=[]), None
+    elif tokenizer == 'gpt2':
+        spec, eot, base_vocab = dict(type='gpt2'), GPT2_EOT, gpt2_encoding().n_vocab
+    else:
+        if tokenizer == 'bpe':
+            tok = train_bpe(texts(), vocab_size, tmp['tokenizer.json'])
+        else:
+            tok = hf_tokenizer(os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer)
+            tok.save(tmp['tokenizer.json'])
+        spec, eot, base_vocab = dict(type='tokenizers', file='tokenizer.json'), eot_of(tok), tok.get_vocab_size()
+    if spec['type'] == 'char' and template is None:  # characters the base never saw: appended, in sorted order
+        new = sorted(set().union(*(m['content'] for _, msgs in convs for m in msgs)) - set(spec['chars']))
+        base_vocab = len(spec['chars']) if base_vocab is None else base_vocab
+        if new and spec['chars']:
+            print(f"{len(new)} characters the base vocabulary of {base_vocab} lacks get ids {base_vocab}..: {''.join(new)!r}")
+        spec = dict(spec, chars=spec['chars'] + new)
+        base_vocab = base_vocab or len(spec['chars'])  # no base: its characters are the base
+    work_spec = dict(spec, file='tokenizer.json.tmp') if spec['type'] == 'tokenizers' else spec
+    template = template or chat_template(Tokenizer(work_spec, out_dir).n_vocab, base_vocab)
+    tok = Tokenizer(work_spec, out_dir, eot, template)
+
+    dtype = 'uint16' if tok.n_vocab <= 2 ** 16 else 'uint32'
+    meta, lens = dict(vocab_size=tok.n_vocab, dtype=dtype), []
+    for split in ('train', 'val'):
+        pairs = [tok.encode_conversation(msgs) for s, msgs in convs if s == split]
+        n = np.array([len(ids) for ids, _ in pairs], dtype=np.uint64)
+        np.array([i for ids, _ in pairs for i in ids], dtype=dtype).tofile(tmp[f'{split}.bin'])
+        np.array([m for _, mask in pairs for m in mask], dtype=np.uint8).tofile(tmp[f'{split}_mask.bin'])
+        (np.cumsum(n) - n).tofile(tmp[f'{split}_starts.bin'])  # where each conversation starts, in tokens
+        meta.update({f'{split}_tokens': int(n.sum()), f'{split}_conversations': len(pairs)})
+        lens += n.tolist()
+    meta.update(tokenizer=spec, eot_id=eot, chat=template)
+    with open(tmp['meta.json'], 'w', encoding='utf-8') as f:
+        json.dump(meta, f, ensure_ascii=False, indent=1)
+    longer = ', '.join(f"{sum(n > b + 1 for n in lens):,} longer than {b}" for b in (256, 512, 1024))
+    print(f"{name}: {meta['train_conversations']:,} train and {meta['val_conversations']:,} val conversations"
+          f"{f' ({skipped:,} malformed records skipped)' if skipped else ''}, vocab {tok.n_vocab:,} (the chat "
+          f"template's ids {min(tok.special_ids)}..{max(tok.special_ids)}), {meta['train_tokens']:,} train and "
+          f"{meta['val_tokens']:,} val tokens in {out_dir}; the longest has {max(lens):,} tokens, {longer} "
+          f"(train.py cuts a conversation at block_size + 1 tokens)")
+    return meta
+
+
 def main():
     parser = argparse.ArgumentParser(description="Tokenize a corpus into data/<name>/ for train.py.",
                                      epilog="named datasets: " + ', '.join(sorted(DATASETS)))
     parser.add_argument('name', help="a named dataset, or the name of data/<name>/ for your --input")
-    parser.add_argument('--input', help="your text: a file, a folder of .txt files, or a glob ('books/*.txt')")
+    parser.add_argument('--input', help="your text: a file, a folder of .txt files, or a glob ('books/*.txt'); "
+                                        "conversations: .jsonl or .json files (a file, folder or glob)")
     parser.add_argument('--val_input', help="validation text (file, folder or glob); default: split from --input")
     parser.add_argument('--tokenizer', help="char | gpt2 | bpe (train one) | a tokenizer.json or a folder "
-                                            "holding one (e.g. a Qwen2 model); default: the dataset's, else gpt2")
+                                            "holding one (e.g. a Qwen2 model) | data/<dataset> (conversations: "
+                                            "that dataset's tokenizer exactly); default: the dataset's, else gpt2")
     parser.add_argument('--vocab_size', type=int, default=4096, help="size of a new bpe tokenizer (default 4096)")
     parser.add_argument('--separator', help="a line holding only this separates documents in a file "
                                             "(TinyStories: '<|endoftext|>'); default: each file is a document")

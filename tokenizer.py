@@ -12,8 +12,17 @@ A tokenizer is described by a small dict, meta.json's "tokenizer":
     {"type": "gpt2"}                                     GPT-2's BPE, from the committed data/gpt2.tiktoken
     {"type": "tokenizers", "file": "tokenizer.json"}     a Hugging Face tokenizers file beside the data
 
-prepare.py writes datasets with them; train.py, sample.py, eval.py, export_hf.py and checkpoint.py read them.
-token_bytes() says how many UTF-8 bytes of text each id stands for, which bits per byte divides by.
+A chat dataset's meta.json adds "chat", its template (chat_template() below): four special tokens whose
+ids follow every id of the tokenizer, so a base model's ids keep their meaning:
+
+    <|system|> You are terse.<|end|><|user|> Hi<|end|><|assistant|> Hello.<|end|><|user|> ...
+
+encode_conversation(messages) gives a conversation's ids and its loss mask (1: a target the model learns,
+the assistant's content and its <|end|>); render_prompt(history) the ids a reply continues. Text that
+spells a marker ('<|user|>') encodes as ordinary text: only the template puts the special ids in.
+
+prepare.py writes datasets with them; train.py, sample.py, chat.py, eval.py, export_hf.py and checkpoint.py read
+them. token_bytes() says how many UTF-8 bytes of text each id stands for, which bits per byte divides by.
 Nothing here downloads, and reading a dataset never runs code (JSON; nanoGPT's meta.pkl as plain data).
 """
 
@@ -39,6 +48,15 @@ GPT2_EOT = 50256  # <|endoftext|>
 EOT_NAMES = ('<|endoftext|>', '</s>', '<|end_of_text|>', '<eos>')  # end-of-text tokens of common tokenizers
 
 
+# the chat template: one start marker per role, one end-of-turn marker; their ids follow the tokenizer's
+CHAT_ROLES = ('system', 'user', 'assistant')
+CHAT_TOKENS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>')
+CHAT_LAYOUT = ("each message is <|ROLE|> + its content's ids + <|end|>; a conversation is its messages in order "
+               "(an optional system message, then user and assistant alternating); a reply follows <|assistant|>; "
+               "targets (mask 1): each assistant content and its <|end|>")
+SHAREGPT_ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant'}
+
+
 class DataError(Exception):
     """A problem with the user's data or files: the scripts print its message in one line and exit."""
 
@@ -51,14 +69,15 @@ def need(module, pip_name):
         raise DataError(f"this needs the '{pip_name}' library: pip install {pip_name}") from None
 
 
-def find_files(pattern):
-    """The files of --input: a file, a folder (every .txt file in it, recursively) or a glob."""
+def find_files(pattern, exts=('.txt',)):
+    """The files of --input: a file, a folder (every file in it ending in exts, recursively) or a glob."""
     if os.path.isfile(pattern):
         return [pattern]
-    found = glob.glob(os.path.join(pattern, '**', '*.txt') if os.path.isdir(pattern) else pattern, recursive=True)
+    found = [f for e in exts for f in glob.glob(os.path.join(pattern, '**', '*' + e), recursive=True)] \
+        if os.path.isdir(pattern) else glob.glob(pattern, recursive=True)
     files = sorted(f for f in found if os.path.isfile(f))
     if not files:
-        raise DataError(f"--input '{pattern}' is no file, and no .txt files match it")
+        raise DataError(f"--input '{pattern}' is no file, and no {' or '.join(exts)} files match it")
     return files
 
 
@@ -93,8 +112,8 @@ class Tokenizer:
     """One dataset's tokenizer: encode(text) -> list of ids, decode(ids) -> text; eot is the
     end-of-text id that separates documents (None where the tokenizer has none, or for a single text)."""
 
-    def __init__(self, spec, data_dir='.', eot=None):
-        self.spec, self.eot = spec, eot
+    def __init__(self, spec, data_dir='.', eot=None, chat=None):
+        self.spec, self.eot, self.chat = spec, eot, chat
         self._token_bytes = None  # token_bytes(), computed at the first call
         kind = spec['type']
         # special_ids: the ids that stand for no text (end-of-text, chat markers); bits per byte counts them as
@@ -112,8 +131,16 @@ class Tokenizer:
             self.tok = hf_tokenizer(os.path.join(data_dir, spec['file']))
             self.n_vocab = self.tok.get_vocab_size()
             self.special_ids |= {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+            # with a chat template, the file's own special tokens (<|endoftext|>) typed in a message are text too
+            self.tok.encode_special_tokens = chat is not None
         else:
             raise DataError(f"unknown tokenizer type '{kind}' in {data_dir}/meta.json")
+        # the chat template's markers, {name: id}, after every id of the tokenizer: ids that stand for no text
+        # too (special_ids), which decode shows by name
+        self.special = dict(chat['tokens']) if chat else {}
+        self.special_ids |= set(self.special.values())
+        self.special_names = {i: name for name, i in self.special.items()}
+        self.n_vocab = max([self.n_vocab - 1, *self.special.values()]) + 1
 
     def encode(self, text):
         kind = self.spec['type']
@@ -128,6 +155,15 @@ class Tokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
+        if self.special_names and self.special_names.keys() & set(ids):  # the markers by name, the runs between decoded
+            out, run = [], []
+            for i in list(ids) + [None]:
+                if i is None or i in self.special_names:
+                    out += [self.decode(run)] + ([self.special_names[i]] if i is not None else [])
+                    run = []
+                else:
+                    run.append(i)
+            return ''.join(out)
         kind = self.spec['type']
         if kind == 'char':
             return ''.join(self.chars[i] for i in ids)
@@ -165,6 +201,21 @@ class Tokenizer:
             return 1 if re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', token) else len(token.replace('\u2581', ' ').encode('utf-8'))
         return sentencepiece
 
+    def encode_conversation(self, messages):
+        """(ids, mask) of a conversation, a list of {'role', 'content'} (chat_template's layout). mask[i] is 1
+        where ids[i] is a target: an assistant's content and its <|end|>, so the model learns when to stop;
+        the markers that open a turn, and what the system and the user say, are context only."""
+        ids, mask = [], []
+        for m in messages:
+            body = self.encode(m['content']) + [self.special['<|end|>']]
+            ids += [self.special[f"<|{m['role']}|>"]] + body
+            mask += [0] + [int(m['role'] == 'assistant')] * len(body)
+        return ids, mask
+
+    def render_prompt(self, history):
+        """The ids a reply continues: the conversation so far (ending with the user's turn), then <|assistant|>."""
+        return self.encode_conversation(history)[0] + [self.special['<|assistant|>']]
+
     def array_encoder(self):
         """encode(text) -> array of uint32 ids: the fastest way of each tokenizer, for large corpora."""
         if self.spec['type'] != 'char':
@@ -175,6 +226,41 @@ class Tokenizer:
         return lambda text: table[np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)]
 
 
+def chat_template(n_ids, base_vocab_size):
+    """meta.json's "chat": the markers' ids, after the tokenizer's n_ids ids. base_vocab_size: the ids the base
+    model knows (a character vocabulary may have grown by characters it never saw: their ids start there)."""
+    return dict(tokens={name: n_ids + i for i, name in enumerate(CHAT_TOKENS)}, base_vocab_size=base_vocab_size,
+                layout=CHAT_LAYOUT)
+
+
+def conversation_messages(record):
+    """[{'role', 'content'}] of a record in a known shape: {"messages": [{"role", "content"}]} (OpenAI, Hugging
+    Face), {"conversations": [{"from", "value"}]} (ShareGPT: system, human, gpt), {"instruction", "input",
+    "output"} (Alpaca; the input, if any, follows the instruction after a blank line). A ValueError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record is a JSON object, not {type(record).__name__}")
+    if isinstance(record.get('messages'), list):
+        turns = [(m.get('role'), m.get('content')) if isinstance(m, dict) else (None, None) for m in record['messages']]
+    elif isinstance(record.get('conversations'), list):
+        turns = [(SHAREGPT_ROLES.get(m.get('from')), m.get('value')) if isinstance(m, dict) else (None, None)
+                 for m in record['conversations']]
+    elif {'instruction', 'output'} <= record.keys():
+        extra = record.get('input') or ''
+        turns = [('user', record['instruction'] + ('\n\n' + extra if extra.strip() else '')), ('assistant', record['output'])]
+    else:
+        raise ValueError(f"a record of no known shape (keys: {', '.join(sorted(map(str, record))) or 'none'}); "
+                         f"expected 'messages', 'conversations', or 'instruction' + 'output'")
+    roles = [r for r, _ in turns]
+    body = roles[1:] if roles[:1] == ['system'] else roles
+    if any(r != ('user', 'assistant')[i % 2] for i, r in enumerate(body)) or 'assistant' not in body:
+        raise ValueError(f"roles {roles}: expected an optional system message, then user and assistant alternating, "
+                         f"starting with user, with at least one assistant turn")
+    for i, (role, content) in enumerate(turns):
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"message {i + 1} ({role}) has empty content")
+    return [dict(role=r, content=c) for r, c in turns]
+
+
 def gpt2_tokenizer():
     """GPT-2's own BPE, for GPT-2's weights (documents end with <|endoftext|>, 50256)."""
     return Tokenizer(dict(type='gpt2'), eot=GPT2_EOT)
@@ -182,7 +268,7 @@ def gpt2_tokenizer():
 
 def load_tokenizer(meta, data_dir):
     """The Tokenizer a dataset's meta.json describes (data_dir holds its tokenizer.json, if any)."""
-    return Tokenizer(meta['tokenizer'], data_dir, meta.get('eot_id'))
+    return Tokenizer(meta['tokenizer'], data_dir, meta.get('eot_id'), meta.get('chat'))
 
 
 class PlainUnpickler(pickle.Unpickler):

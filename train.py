@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 import configurator
 from checkpoint import (autocast_context, check_accumulation, compile_checked, fork_rng, from_pretrained,
-                        load_checkpoint, peak_flops, pick_backend, pick_compile, pick_device, pick_dtype, pick_flash,
-                        save_checkpoint, split_model_args, step_seed, use_device, without_fused)
+                        grow_for_chat, load_checkpoint, peak_flops, pick_backend, pick_compile, pick_device,
+                        pick_dtype, pick_flash, save_checkpoint, split_model_args, step_seed, use_device, without_fused)
 from model import GPT, GPTConfig
 from plot import RunLog
 from scoring import bits_per_byte, hellaswag_counts, hellaswag_file, read_hellaswag, render_hellaswag, score_sums
@@ -49,13 +49,13 @@ eval_sample_temperature = 0.8  # drawn (top_k 200, from seed; the run's random s
 eval_hellaswag = 0  # HellaSwag items scored at each evaluation (GPT-2 BPE data only): 0 = off, 10042 = all
 plot = True  # write out_dir/loss.png at each evaluation (pip install matplotlib); every line goes to log.jsonl
 watch_interval = 30  # seconds: the plot and the sample at an evaluation at most this often (and at the last)
-init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt, else ckpt.pt) | 'gpt2' ... 'gpt2-xl' | an HF folder
+init_from = 'scratch'  # 'scratch' | 'resume' (out_dir's last.pt, else ckpt.pt) | 'gpt2'..'gpt2-xl' | HF folder | FILE.pt
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
 wandb_project = 'owt'  # the W&B project the run is logged under
 wandb_run_name = 'gpt2'  # the run's name in that project
 # data
-dataset = 'openwebtext'  # data/<dataset>/, made by prepare.py
+dataset = 'openwebtext'  # data/<dataset>/, made by prepare.py (of conversations: assistant tokens are targets)
 gradient_accumulation_steps = 40  # micro-batches per optimizer step, over all processes together
 batch_size = 12  # sequences per micro-batch
 block_size = 1024  # context length, in tokens
@@ -141,9 +141,11 @@ try:
     meta = load_meta(data_dir)
 except DataError as e:
     fail(e)
+chat = 'chat' in meta  # conversations: a mask of the targets and the conversations' starts beside the ids
 for split in ('train', 'val'):
-    if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
-        fail(f"{data_dir}/{split}.bin is missing: run 'python prepare.py {dataset}' again")
+    for f in [f'{split}.bin'] + [f'{split}_mask.bin', f'{split}_starts.bin'] * chat:
+        if not os.path.isfile(os.path.join(data_dir, f)):
+            fail(f"{data_dir}/{f} is missing: run 'python prepare.py {dataset}' again")
 try:
     tok = load_tokenizer(meta, data_dir)
     token_bytes = torch.tensor(tok.token_bytes(), device=device)  # UTF-8 bytes per id, for bits per byte
@@ -166,9 +168,24 @@ def get_batch(split, stream):
     # a new memmap for every batch: one kept open keeps every page it has read mapped,
     # and the process grows with the file (see stackoverflow.com/questions/45132940)
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r')
-    ix = np.random.default_rng(stream).integers(0, len(data) - block_size, size=batch_size)
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))  # (B, T)
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))  # (B, T)
+    if chat:
+        # A row starts where a conversation does (never mid-turn) and runs on into the conversations after it:
+        # packing, so no compute goes to padding and a conversation is cut only by the row's end (a conversation
+        # longer than the row loses its end). Only the split's last rows are padded, with id 0, never a target.
+        # Targets outside the assistant's turns are -1, which the loss ignores.
+        starts = np.memmap(os.path.join(data_dir, f'{split}_starts.bin'), dtype=np.uint64, mode='r')
+        mask = np.memmap(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
+        rows = np.zeros((batch_size, block_size + 1), dtype=np.int64)  # (B, T + 1)
+        counts = np.zeros((batch_size, block_size + 1), dtype=bool)  # (B, T + 1)
+        for r, i in enumerate(starts[np.random.default_rng(stream).integers(0, len(starts), size=batch_size)]):
+            n = min(block_size + 1, len(data) - int(i))
+            rows[r, :n], counts[r, :n] = data[int(i):int(i) + n], mask[int(i):int(i) + n]
+        x = torch.from_numpy(rows[:, :-1])  # (B, T)
+        y = torch.from_numpy(np.where(counts[:, 1:], rows[:, 1:], -1))  # (B, T)
+    else:
+        ix = np.random.default_rng(stream).integers(0, len(data) - block_size, size=batch_size)
+        x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))  # (B, T)
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))  # (B, T)
     if device_type == 'cuda':  # pinned host memory lets the copy to the GPU run asynchronously (non_blocking)
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -227,6 +244,15 @@ elif init_from == 'resume':
         torch.set_rng_state(checkpoint['rng_state'].cpu())
     if device_type == 'cuda' and 'cuda_rng_state' in checkpoint:
         torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
+elif init_from.endswith('.pt'):  # another run's checkpoint, to finetune: its weights and shape, a fresh optimizer
+    log(f"initialising from {init_from} (its weights; iteration 0, a new optimizer)")
+    try:
+        model, base = load_checkpoint(init_from, device, dropout=dropout, flash=flash)
+    except ValueError as e:
+        fail(e)
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    model_args = dataclasses.asdict(model.config)
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):  # GPT-2's weights: from the hub, or an HF folder
     if meta['tokenizer']['type'] != 'gpt2':
         fail(f"init_from={init_from} needs data in GPT-2's BPE, but data/{dataset} is tokenized as "
@@ -239,9 +265,19 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from):  # GPT-2's weight
     if block_size < model.config.block_size:
         model.crop_block_size(block_size)  # GPT-2 has 1024 positions; fewer train faster
     model_args = dataclasses.asdict(model.config)  # GPT-2's shape (vocab 50257, tanh GELU), for the checkpoint
+    base = None
 else:
     fail(f"init_from must be 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
          f"Hugging Face folder, not '{init_from}'")
+if chat and init_from not in ('scratch', 'resume'):  # ids the base never learned: the markers, new characters
+    try:
+        known, added = grow_for_chat(model, base, meta, vocab_size)
+    except (ValueError, DataError) as e:
+        fail(f"{e}: prepare the conversations with --tokenizer=data/<the dataset the model learned>")
+    model_args['vocab_size'] = model.config.vocab_size
+    log(f"the embedding and the tied lm_head grow by {added} rows to {vocab_size:,}; ids {known:,}.."
+        f"{meta['vocab_size'] - 1:,} (the chat template's tokens, new characters) start at the mean of the others")
+base = None
 if not (ddp and fsdp):  # FSDP moves each Block to the GPU as it shards it: the whole model is never there
     model.to(device)
 block_size = config['block_size'] = model.config.block_size  # resolved (a checkpoint's, GPT-2's), for the checkpoint
@@ -255,6 +291,10 @@ for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inpu
         fail(f"the {split} split of '{dataset}' has {n_tokens:,} tokens, fewer than block_size + 1 = "
              f"{block_size + 1}: lower --block_size or give the split more text")
 hellaswag = [(*render_hellaswag(c, endings, tok, block_size), label) for _, c, endings, label in hellaswag]
+if chat:
+    n = np.diff(np.fromfile(os.path.join(data_dir, 'train_starts.bin'), dtype=np.uint64), append=meta['train_tokens'])
+    log(f"{len(n):,} train conversations, {(n > block_size + 1).sum():,} of them longer than block_size + 1 = "
+        f"{block_size + 1} tokens: cut at the end of their row")
 
 raw_model = model  # the plain module: its state_dict names have no '_orig_mod.' or 'module.' prefix
 if ddp and fsdp:
@@ -330,17 +370,17 @@ def estimate_loss():
     model.eval()  # dropout off
     rounds = math.ceil(eval_iters / world)  # every process runs as many forward passes (FSDP needs it)
     for i, split in enumerate(('train', 'val')):
-        total = torch.zeros(3, device=device)  # the batches' mean losses; the loss of the text targets, their bytes
+        total = torch.zeros(4, device=device)  # the targets' summed loss, their number; the text's loss, its bytes
         for k in range(rank, rounds * world, world):
             X, Y = get_batch(split, (0, 1 + i, min(k, eval_iters - 1), 0))  # 1, 2: never a training stream
             with ctx:
-                logits, loss = model(X, Y)
-            if k < eval_iters:
-                total += torch.cat([loss.float().view(1), score_sums(logits, Y, token_bytes)[2:]])
+                logits, _ = model(X, Y)
+            if k < eval_iters:  # the mean over all targets, not of batch means (chat masks); bpb (scoring.py)
+                total += score_sums(logits, Y, token_bytes)
         if ddp:
             dist.all_reduce(total)
-        out[split] = total[0].item() / eval_iters
-        out[f'{split}_bpb'] = bits_per_byte(*total[1:].tolist())
+        out[split] = total[0].item() / max(total[1].item(), 1)
+        out[f'{split}_bpb'] = bits_per_byte(*total[2:].tolist())
     model.train()
     return out
 
@@ -452,16 +492,25 @@ while True:
     # one optimizer step over gradient_accumulation_steps micro-batches, micro_steps of them here;
     # this process's are the global micro-steps rank * micro_steps ... (DESIGN.md, Determinism)
     loss_sum = torch.zeros((), device=device)
-    for micro_step in range(micro_steps):
-        X, Y = get_batch('train', (seed, 0, iter_num, rank * micro_steps + micro_step))
+    batches = [get_batch('train', (seed, 0, iter_num, rank * micro_steps + m)) for m in range(micro_steps)]
+    if chat:  # the step's loss is the mean over all its targets: their number over every micro-step and process first
+        n_targets = sum((Y >= 0).sum() for _, Y in batches).float()
+        if ddp:
+            dist.all_reduce(n_targets)
+        scale = world / n_targets.clamp(min=1)  # * world: DDP and FSDP average the processes' gradients
+    for micro_step, (X, Y) in enumerate(batches):
         torch.manual_seed(step_seed(seed, iter_num, rank * micro_steps + micro_step))  # its dropout masks, likewise
         last = micro_step == micro_steps - 1  # under DDP or FSDP, the gradients are averaged in the last backward only
         if ddp and fsdp:
             raw_model.set_requires_gradient_sync(last)
         with model.no_sync() if ddp and not fsdp and not last else contextlib.nullcontext():
             with ctx:
-                _, loss = model(X, Y)
-                loss = loss / micro_steps  # summed over micro-steps: the mean over this process's batch
+                if chat:  # summed, then scaled: a micro-batch with no assistant token adds 0 (never NaN)
+                    _, loss = model(X, Y, reduction='sum')
+                    loss = loss * scale
+                else:
+                    _, loss = model(X, Y)
+                    loss = loss / micro_steps  # summed over micro-steps: the mean over this process's batch
             scaler.scale(loss).backward()  # gradients add up across micro-steps, and across processes at the last
         loss_sum += loss.detach()
     # one small exchange per step: the mean loss, and whether any process was signalled (all stop at the same step)

@@ -1,0 +1,161 @@
+"""
+A conversation with a chat-finetuned model (docs/chat.md: prepare.py on conversations, train.py, then this):
+
+    python chat.py --out_dir=out-chat-cpu
+    python chat.py --init_from=out-sft/last.pt --system="Answer in one word." --temperature=0
+    echo "abc" | python chat.py --out_dir=out-chat-cpu     # piped: each line is a user turn, each reply one line
+
+The reply streams as it is generated and ends at the model's <|end|> (or after max_new_tokens); the
+conversation stays in the model's context, its oldest turns dropped once it no longer fits. /clear starts a
+new conversation, /quit (or the end of the input) leaves. The template (tokenizer.py) is the one the data was
+prepared with: a model trained without one is refused. python chat.py --help lists every setting.
+"""
+
+import sys
+
+import torch
+
+import configurator
+from checkpoint import autocast_context, load_model, pick_device, pick_dtype
+from model import KVCache
+from tokenizer import DataError
+
+fail = configurator.fail
+
+# -----------------------------------------------------------------------------
+# settings
+init_from = 'resume'  # 'resume' (out_dir's checkpoint) | a run's folder | a ckpt.pt file
+out_dir = 'out'  # folder holding ckpt.pt
+ckpt_name = 'ckpt.pt'  # 'ckpt.pt' (the best model) | 'last.pt' (the latest state of training)
+system = ''  # a system prompt that opens every conversation ('' = none)
+max_new_tokens = 256  # the longest reply, in tokens
+temperature = 0.8  # 1.0 samples the model's distribution, < 1.0 sharpens it, 0 is greedy
+top_k = 200  # keep only the top_k most likely tokens at each step; 0 keeps all
+kv_cache = True  # keep the keys and values of the conversation so far across turns (exact); False: recompute
+seed = 1337  # the same seed gives the same replies
+device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16'
+# -----------------------------------------------------------------------------
+configurator.configure(globals())
+
+try:
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+except ValueError as e:
+    fail(e)
+if max_new_tokens <= 0:
+    fail(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+if temperature < 0:
+    fail(f"temperature must be >= 0 (0 is greedy), not {temperature}")
+if top_k < 0:
+    fail(f"top_k must be >= 0 (0 keeps every token), not {top_k}")
+generator = torch.Generator(device=device).manual_seed(seed)
+ctx = autocast_context(device, dtype)
+try:
+    model, tok, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name)
+except (ValueError, ImportError, DataError) as e:
+    fail(e)
+if not tok.special:
+    dataset = checkpoint['config'].get('dataset') if checkpoint else 'gpt2'
+    fail(f"this model was trained without a chat template (on {dataset}): finetune it on conversations first, "
+         f"python prepare.py sft --input=CHATS.jsonl --tokenizer=data/{dataset}, then python train.py "
+         f"--dataset=sft --init_from=PATH/TO/ckpt.pt (docs/chat.md)")
+block_size = model.config.block_size
+end_ids = tok.special_ids  # <|end|> closes the reply; a marker opening another turn would too
+piped = not sys.stdin.isatty()
+
+
+class Context:
+    """The ids the model has seen in this conversation, their keys and values (KVCache, one per block), and
+    the next token's logits. A new prompt that extends the ids fed so far feeds only what is new (exact: the
+    same positions, the same keys and values); any other prompt is fed again from the start."""
+
+    def __init__(self):
+        self.ids, self.cache = [], None
+        self.dropped = False  # whether turns were dropped, which is said once
+
+    @torch.no_grad()
+    def feed(self, ids):
+        """Make ids the context; return the next token's logits (vocab_size,)."""
+        if not (kv_cache and self.cache is not None and ids[:len(self.ids)] == self.ids and len(ids) > len(self.ids)):
+            self.ids, self.cache = [], [KVCache() for _ in model.transformer.h] if kv_cache else None
+        new = ids[len(self.ids):]
+        x = torch.tensor([new], dtype=torch.long, device=device)  # (1, T)
+        with ctx:
+            logits, _ = model(x, kv_cache=self.cache)  # (1, 1, vocab_size): the last position's
+        self.ids = list(ids)
+        return logits[0, -1].float()
+
+
+def next_token(logits):
+    logits = logits[:tok.n_vocab].clone()  # train.py may pad the vocabulary: those ids are no token
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[-1]] = -float('inf')
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+def reply(history, context):
+    """Generate the assistant's turn, printing it as it comes; return its text."""
+    prompt = tok.render_prompt(history)
+    reserve = min(max_new_tokens, block_size // 2)  # room for the reply
+    first = int(history[0]['role'] == 'system')  # the system prompt stays
+    while len(prompt) > block_size - reserve and len(history) > first + 1:
+        if not context.dropped:
+            print(f"(the conversation outgrows the model's context of {block_size} tokens: its oldest turns are "
+                  f"dropped)", file=sys.stderr)
+        context.dropped = True
+        del history[first:first + 2]  # the oldest user turn and its reply
+        prompt = tok.render_prompt(history)
+    prompt = prompt[-block_size:]  # one user turn longer than the context: its end
+    logits, out, shown = context.feed(prompt), [], ''
+    for _ in range(max_new_tokens):
+        token = next_token(logits)
+        if token in end_ids:
+            break
+        out.append(token)
+        text = tok.decode(out)
+        if not text.endswith('\ufffd'):  # a character whose bytes are not all there yet waits for the rest
+            print(text[len(shown):], end='', flush=True)
+            shown = text
+        if len(prompt) + len(out) >= block_size:  # the context is full: the reply stops here
+            break
+        logits = context.feed(prompt + out)
+    text = tok.decode(out)
+    print(text[len(shown):], flush=True)  # the rest, and the newline that ends the reply
+    return text
+
+
+def new_conversation():
+    return [dict(role='system', content=system)] if system else [], Context()
+
+
+history, context = new_conversation()
+if not piped:
+    print("a conversation: type a message; /clear starts a new one, /quit (or Ctrl-D) leaves")
+while True:
+    try:
+        line = sys.stdin.readline() if piped else input('> ')
+    except (EOFError, KeyboardInterrupt):
+        print()
+        break
+    if piped and not line:  # the end of the input
+        break
+    line = line.rstrip('\n')
+    if line.strip() == '/quit':
+        break
+    if line.strip() == '/clear':
+        history, context = new_conversation()
+        continue
+    if not line.strip():
+        continue
+    try:
+        tok.encode(line)
+    except DataError as e:  # a character a character-level model never saw
+        print(f"({e})", file=sys.stderr)
+        continue
+    history.append(dict(role='user', content=line))
+    history.append(dict(role='assistant', content=reply(history, context) or ' '))
