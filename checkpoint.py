@@ -104,19 +104,29 @@ def peak_flops(device):
 
 def device_memory(device):
     """Bytes this process may use on device, or None where unknown: on a GPU what is free plus what PyTorch
-    already holds; on the CPU the RAM Linux calls available (/proc/meminfo), elsewhere all of it (sysconf)."""
+    already holds; on the CPU the RAM Linux calls available (/proc/meminfo), elsewhere all of it (sysconf),
+    and at most what a limit on the address space (ulimit -v, RLIMIT_AS) leaves."""
     kind = device.split(':')[0]
     if kind == 'cuda':
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device)
     if kind == 'mps':
         return getattr(torch.mps, 'recommended_max_memory', lambda: None)()
-    with suppress(OSError, ValueError):
+    ram = used = None
+    with suppress(OSError, StopIteration):
         with open('/proc/meminfo') as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
-    with suppress(OSError, ValueError, AttributeError):
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    return None
+            ram = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+        with open('/proc/self/status') as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmSize:'))
+    if ram is None:
+        with suppress(OSError, ValueError, AttributeError):
+            ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    with suppress(ImportError):
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY and used is not None:
+            ram = min(ram or limit, max(limit - used, 0))
+    return ram
 
 
 def human_bytes(n):
