@@ -136,20 +136,24 @@ except OSError as e:
     fail(f"cannot write to out_dir '{out_dir}' ({e.strerror}): choose another with --out_dir=PATH")
 
 
-def any_process(flag):
-    """Whether flag is true on any process (every process calls it): what one finds, all act on together."""
-    flag = torch.tensor(float(flag), device=device)
+def fail_together(message):
+    """Every process calls it; if one has a message (the others None), it is said and all stop, together. Said
+    before the others learn of it: torchrun stops the rest as soon as one exits, which could cut it off."""
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    flag = torch.tensor(float(message is not None), device=device)
     if ddp:
         dist.all_reduce(flag)
-    return flag.item() > 0
+    if flag.item() > 0:
+        sys.exit(1)
 
 
+lock = busy = None
 try:  # one run per out_dir: the master holds its lock (torchrun's other processes share it) until the run exits
     lock = RunLock(out_dir) if master else None
 except ValueError as e:
-    lock = e
-if any_process(isinstance(lock, ValueError)):
-    fail(lock)
+    busy = e
+fail_together(busy)
 if lock is not None:
     atexit.register(lock.release)
     if lock.notice:  # a killed run's lock taken over, or none possible here
@@ -341,11 +345,10 @@ def save(names):
                 save_checkpoint(checkpoint, os.path.join(out_dir, name))
                 saved_at = iter_num if name == 'last.pt' else saved_at
         except CheckpointError as e:
-            error = e
-    if any_process(error is not None):  # the others wait for no checkpoint: every process stops here
-        fail(f"{error}: stopped; " + (f"last.pt of iteration {saved_at} is whole: make space and run the same "
-                                      f"command with --init_from=resume" if saved_at is not None else
-                                      "this run has not saved a checkpoint yet: make space and start again"))
+            error = f"{e}: stopped; " + (f"last.pt of iteration {saved_at} is whole: make space and run the same "
+                                         f"command with --init_from=resume" if saved_at is not None else
+                                         "this run has not saved a checkpoint yet: make space and start again")
+    fail_together(error)  # no process goes on without the checkpoint
     log(f"saved {', '.join(names)} at iteration {iter_num}")
 
 
