@@ -37,7 +37,7 @@ def test_disk_full_during_a_save(repo, tmp_path):
     checkpoint (EFBIG; both were seen to pass). One line says what failed, the folder's free space and the
     checkpoint's size, and that last.pt of iteration 2 resumes; no .tmp is left; both checkpoints are byte
     for byte as before. With the space back, the resume ends bit-identical to a run never interrupted."""
-    args = [*COMMON, '--plot=False', '--eval_interval=2']
+    args = [*COMMON, '--eval_interval=2']
     run(repo, 'train.py', *args, '--max_iters=4', '--out_dir=out-straight4')
     out = tmp_path / 'disk'
     out.mkdir()
@@ -111,7 +111,7 @@ def test_memory_estimate_is_the_measured_peak(repo):
         p = subprocess.Popen([sys.executable, 'train.py', '--dataset=shakespeare_char', '--n_layer=2', '--n_head=4',
                               '--n_embd=128', '--block_size=256', f'--batch_size={batch_size}', '--device=cpu',
                               '--dtype=float32', '--gradient_accumulation_steps=1', '--eval_iters=1', '--max_iters=1',
-                              '--eval_interval=100', '--plot=False', f'--out_dir=out-mem{batch_size}'],
+                              '--eval_interval=100', f'--out_dir=out-mem{batch_size}'],
                              cwd=repo, stdout=subprocess.PIPE, text=True, env=env)
         out = p.stdout.read()
         _, status, usage = os.wait4(p.pid, 0)
@@ -150,7 +150,7 @@ def test_one_run_per_out_dir(repo):
     """A second train.py on a folder in use refuses in one line naming the first (pid, host); once the first
     is killed with SIGKILL, leaving its lock file behind, a resume takes the lock over, says so, and trains;
     at its end the lock is gone."""
-    args = [*TINY, '--eval_interval=100000', '--checkpoint_interval=1', '--plot=False', '--out_dir=out-lock']
+    args = [*TINY, '--eval_interval=100000', '--checkpoint_interval=1', '--out_dir=out-lock']
     first = subprocess.Popen([sys.executable, 'train.py', *args, '--max_iters=100000'], cwd=repo,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
