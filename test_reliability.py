@@ -165,6 +165,6 @@ def test_one_run_per_out_dir(repo):
     assert (repo / 'out-lock' / 'train.lock').exists()  # what a kill -9 leaves
     stopped = torch.load(repo / 'out-lock' / 'last.pt', weights_only=True)['iter_num']
     p = run(repo, 'train.py', *args, f'--max_iters={stopped + 2}', '--init_from=resume')
-    assert f'taking over' in p.stdout and f'pid {first.pid} on' in p.stdout
+    assert 'taking over' in p.stdout and f'pid {first.pid} on' in p.stdout
     assert sorted(logged(p.stdout, 'loss')) == [stopped, stopped + 1]
     assert not (repo / 'out-lock' / 'train.lock').exists()
