@@ -19,8 +19,16 @@ import inspect
 import json
 import os
 import re
+import shutil
+import socket
+import time
 import zipfile
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
+
+try:
+    import fcntl  # POSIX: Linux and macOS
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 import numpy as np
 import torch
@@ -239,18 +247,107 @@ def peak_flops(device):
     return peak_flops_of(gpu) or (None, f"no peak figure for the {gpu} in checkpoint.PEAK_FLOPS")
 
 
+def device_memory(device):
+    """Bytes this process may use on device, or None where unknown: on a GPU what is free plus what PyTorch
+    already holds; on the CPU the RAM Linux calls available (/proc/meminfo), elsewhere all of it (sysconf),
+    and at most what a limit on the address space (ulimit -v, RLIMIT_AS) leaves."""
+    kind = device.split(':')[0]
+    if kind == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device)
+    if kind == 'mps':
+        return getattr(torch.mps, 'recommended_max_memory', lambda: None)()
+    ram = used = None
+    with suppress(OSError, StopIteration):
+        with open('/proc/meminfo') as f:
+            ram = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+        with open('/proc/self/status') as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmSize:'))
+    if ram is None:
+        with suppress(OSError, ValueError, AttributeError):
+            ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    with suppress(ImportError):
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY and used is not None:
+            ram = min(ram or limit, max(limit - used, 0))
+    return ram
+
+
+def human_bytes(n):
+    """1234567 -> '1.2 MB': sizes in messages."""
+    return next((f"{n / 10 ** p:,.1f} {unit}" for p, unit in ((9, 'GB'), (6, 'MB'), (3, 'kB')) if n >= 10 ** p),
+                f"{n:,} bytes")
+
+
+def memory_summary(need):
+    """GPT.estimate_memory's dict in words: '14.2 GB (weights 0.7 GB, ..., activations 12.1 GB)'."""
+    parts = ', '.join(f"{'AdamW' if k == 'optimizer' else k} {human_bytes(v)}" for k, v in need.items() if k != 'total')
+    return f"{human_bytes(need['total'])} ({parts})"
+
+
+def memory_fix(need, memory, batch_size, gradient_accumulation_steps, world=1, building=False):
+    """What makes a step fit in memory (bytes, None if unknown): where it can, a smaller micro-batch (the largest
+    the estimate fits, at most half the old) and more accumulation steps, the same tokens per step: the same recipe."""
+    fixed, sequences = need['total'] - need['activations'], batch_size * gradient_accumulation_steps
+    if building or batch_size == 1 or (memory and fixed > memory):
+        return "a smaller model (--n_layer, --n_embd), a shorter --block_size, or torchrun with --fsdp=True"
+    fits = int((memory - fixed) // (need['activations'] / batch_size)) if memory else batch_size // 2
+    b = next(b for b in range(max(1, min(fits, batch_size // 2)), 0, -1) if sequences % (b * world) == 0)
+    return f"--batch_size={b} --gradient_accumulation_steps={sequences // b} keeps the tokens per step"
+
+
+def is_out_of_memory(e):
+    """An allocation failed: CUDA's and MPS's OutOfMemoryError, Python's MemoryError, or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")."""
+    if isinstance(e, (MemoryError, getattr(torch, 'OutOfMemoryError', MemoryError))):
+        return True
+    message = str(e)
+    return isinstance(e, RuntimeError) and any(s in message for s in (
+        "can't allocate memory", 'DefaultCPUAllocator', 'out of memory'))
+
+
 # -----------------------------------------------------------------------------
 # checkpoints of train.py (and nanoGPT)
 
 
+class CheckpointError(Exception):
+    """A checkpoint could not be written (no space, an I/O error, no permission); the old one is untouched."""
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in obj (dicts and lists of them): about a checkpoint's size on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(tensor_bytes, obj.values()))
+    return sum(map(tensor_bytes, obj)) if isinstance(obj, (list, tuple)) else 0
+
+
 def save_checkpoint(checkpoint, path):
     """torch.save to a temporary file, pushed to the disk, then renamed over path: whenever the
-    machine dies, path holds a whole checkpoint (the old one or the new one)."""
-    with open(path + '.tmp', 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
+    machine dies, path holds a whole checkpoint (the old one or the new one). Any error while writing
+    (a full disk, an I/O error) removes the temporary file and is a CheckpointError saying how much
+    space the folder has and the checkpoint needs; path is then still the old checkpoint."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            os.remove(tmp)  # a half-written file would only fill the disk further
+        if not isinstance(e, Exception):
+            raise  # Ctrl-C: the interrupt goes on, with nothing left behind
+        while e.__context__ is not None and not isinstance(e, OSError):
+            e = e.__context__  # torch.save's RuntimeError ('unexpected pos') hides the OSError that caused it
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}".splitlines()[0]
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        raise CheckpointError(f"cannot write {path} ({why}); {folder} has {human_bytes(free)} free, "
+                              f"the checkpoint needs {human_bytes(tensor_bytes(checkpoint))}") from None
 
 
 # nanoGPT's GPTConfig has these fields only: a checkpoint's model_args holds exactly them, so that nanoGPT's
@@ -292,6 +389,55 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     model.transformer.wte.weight = model.lm_head.weight  # tied again: assign gave each name its own Parameter
     model.to(device)
     return model, checkpoint  # without 'model': its tensors are the model's now
+
+
+class RunLock:
+    """out_dir/train.lock, held by one train.py while it runs, so that a second one on the same folder refuses
+    instead of writing last.pt and log.jsonl over the first's. The lock is the kernel's (flock): a process that
+    dies in any way (kill -9, a crash, a reboot) holds it no longer, so a resume after a crash takes it over,
+    and says whose it was. The file names the holder (pid, host, start) for the message. Use it as a context
+    manager, or call release(); on a filesystem without locks (some network mounts) it warns and holds none."""
+
+    def __init__(self, out_dir):
+        self.path, self.fd, self.notice = os.path.join(out_dir, 'train.lock'), None, ''
+        if fcntl is None:
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 1000).decode(errors='replace').strip() or 'a process starting up'
+                os.close(fd)
+                raise ValueError(f"{out_dir} is in use by another train.py ({holder}): wait for it to end or stop "
+                                 f"it, or give this run another --out_dir") from None
+            except OSError as e:
+                os.close(fd)
+                self.notice = f"warning: cannot lock {self.path} ({e.strerror}): a second run would go unnoticed"
+                return
+            with suppress(FileNotFoundError):  # the holder releases by deleting: was this file deleted meanwhile?
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            os.close(fd)
+        self.fd, left_by = fd, os.read(fd, 1000).decode(errors='replace').strip()  # a dead run's words
+        if left_by:  # a run that was killed (kill -9, a crash, a reboot) left its file; the kernel freed its lock
+            self.notice = f"taking over {self.path} from a run that is no longer running ({left_by})"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+
+    def release(self):
+        if self.fd is not None:  # delete before unlocking: a run waiting on this file then opens a new one
+            with suppress(OSError):
+                os.remove(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 # -----------------------------------------------------------------------------

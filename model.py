@@ -432,6 +432,36 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: FLOPs/s achieved over the device's peak (checkpoint.peak_flops gives it)."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
+    def estimate_memory(self, batch_size, dtype='float32'):
+        """Bytes a training step needs, estimated: {weights, gradients, optimizer, activations, total}, for
+        micro-batches of batch_size x block_size under dtype's autocast (train.py prints it; eager, one process).
+        Per parameter: float32 weights 4 (and the half copies autocast makes for the matmuls, 2), gradients 4,
+        AdamW's two moments 8. Activations, what autograd keeps for the backward, in bytes per token, with
+        a = 2 (bfloat16/float16) or 4 (float32), h = n_embd, V = vocab_size; per layer:
+            the residual stream at the two norms' inputs, float32    2 * 4h
+            the norms' outputs, as c_attn and c_fc read them         2 * a h
+            q, k, v (c_attn's output) (+ GQA's repeated k, v: 2 a h)  a (h + 2 kv)    kv = n_kv_head * head size
+            attention's output (c_proj's input: a view of it)        a h
+            c_fc's output and GELU's                                 2 * a 4h        (SwiGLU: 4 a hidden)
+            flash=False: the (n_head, T) softmax of each query       a n_head T      (CUDA: 4 more, in float32)
+        = 64h in float32 and 36h in bfloat16 for GPT-2's block. Korthikanti et al. 2022 ("Reducing Activation
+        Recomputation in Large Transformer Models", sec. 4.1) count 34h in 16 bits: theirs has dropout's masks
+        (2h) and a 16-bit residual stream (4h less). Then ln_f (4h + a h) and the logits: a V (lm_head's output, which train.py keeps until the next step), 4V
+        (the cross-entropy's float32 log-probabilities) and 8V (two float32 gradients as the backward starts).
+        The peak of live tensors on the CPU is 2% above this (test_reliability.py); allocators keep more (glibc's
+        malloc 25-55% at that shape). Not counted: torch.compile's fusions (less), DDP's buckets (4 per parameter)."""
+        cfg, a = self.config, (4 if dtype == 'float32' else 2)
+        h, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
+        kv = (cfg.n_kv_head or cfg.n_head) * hs
+        mlp = 4 * a * self.transformer.h[0].mlp.c_proj.in_features if cfg.swiglu else 8 * a * h
+        layer = 8 * h + a * (2 * h + h + 2 * kv + (2 * h if kv != h else 0) + h) + mlp
+        layer += 0 if cfg.flash else a * cfg.n_head * cfg.block_size
+        per_token = cfg.n_layer * layer + 4 * h + a * h + (a + 12) * cfg.vocab_size
+        n = sum(p.numel() for p in self.parameters())
+        need = dict(weights=n * (4 if a == 4 else 6), gradients=4 * n, optimizer=8 * n,
+                    activations=per_token * batch_size * cfg.block_size)
+        return dict(need, total=sum(need.values()))
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None, use_cache=True):
         """Extend idx (B, T) by max_new_tokens tokens, one at a time, each fed back in.

@@ -278,14 +278,35 @@ class PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain data is read")
 
 
+META_KEYS = ('vocab_size', 'dtype', 'train_tokens', 'val_tokens', 'tokenizer')  # what every meta.json holds
+
+
+def remake(name):
+    """The prepare.py command that writes data/<name>/ again, for a message."""
+    return f"'python prepare.py {name}' (with --input=YOUR_TEXT for your own text)"
+
+
 def load_meta(data_dir):
     """Read data/<name>/meta.json, or say which command makes it. A folder prepared by nanoGPT works too: its
-    meta.pkl (characters) is read as plain data; without one, its .bin files hold GPT-2 BPE ids as uint16."""
+    meta.pkl (characters) is read as plain data; without one, its .bin files hold GPT-2 BPE ids as uint16.
+    A file that is not JSON, lacks a key or has a dtype .bin files cannot have is a DataError naming it."""
     path = os.path.join(data_dir, 'meta.json')
     name = os.path.basename(os.path.normpath(data_dir))
     if os.path.isfile(path):
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
+        try:
+            with open(path, encoding='utf-8') as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON (JSONDecodeError is a ValueError)
+            raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}): remake it with {remake(name)}") from None
+        missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+        if missing:
+            have = ', '.join(meta) if isinstance(meta, dict) else f'a {type(meta).__name__}'
+            raise DataError(f"{path} lacks {', '.join(missing)} (it has {have or 'nothing'}): "
+                            f"remake it with {remake(name)}")
+        if meta['dtype'] not in ('uint16', 'uint32'):
+            raise DataError(f"{path} says dtype {meta['dtype']!r}, expected 'uint16' or 'uint32': "
+                            f"remake it with {remake(name)}")
+        return meta
     bins = [os.path.join(data_dir, f'{s}.bin') for s in ('train', 'val')]
     if not all(map(os.path.isfile, bins)):
         raise DataError(f"dataset '{name}' is not prepared ({path} is missing): run 'python prepare.py {name}' "
@@ -302,3 +323,18 @@ def load_meta(data_dir):
         raise DataError(f"cannot read {pkl} as nanoGPT's character vocabulary ({type(e).__name__}: {e}): "
                         f"prepare the data again with 'python prepare.py {name} --input=...'") from None
     return dict(vocab_size=len(chars), dtype='uint16', tokenizer=dict(type='char', chars=chars), eot_id=None, **counts)
+
+
+def check_bins(data_dir, meta, splits=('train', 'val')):
+    """Each <split>.bin is there and holds exactly the tokens meta.json counts: a copy cut short (of any
+    size, odd or even) or a file from another preparation is a DataError naming it, not garbage batches."""
+    name = os.path.basename(os.path.normpath(data_dir))
+    itemsize = np.dtype(meta['dtype']).itemsize
+    for split in splits:
+        path = os.path.join(data_dir, f'{split}.bin')
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing: remake it with {remake(name)}")
+        size, tokens = os.path.getsize(path), meta[f'{split}_tokens']
+        if size != tokens * itemsize:  # (nanoGPT's folders have no meta.json: there, only an odd size is caught)
+            raise DataError(f"{path} has {size:,} bytes, expected {tokens:,} {meta['dtype']} tokens = "
+                            f"{tokens * itemsize:,} bytes (a copy cut short?): remake it with {remake(name)}")

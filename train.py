@@ -13,6 +13,7 @@ override them (configurator.py); python train.py --help lists them all. The scri
 to bottom: settings, setup, data, model, optimizer, the loop's helpers, then the training loop.
 """
 
+import atexit
 import contextlib
 import dataclasses
 import math
@@ -25,13 +26,14 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from checkpoint import (autocast_context, check_accumulation, compile_checked, fork_rng, from_pretrained,
-                        grow_for_chat, load_checkpoint, peak_flops, pick_backend, pick_compile, pick_device,
-                        pick_dtype, pick_flash, save_checkpoint, split_model_args, step_seed, use_device, without_fused)
+from checkpoint import (CheckpointError, RunLock, autocast_context, check_accumulation, compile_checked, device_memory,
+                        fork_rng, from_pretrained, grow_for_chat, human_bytes, is_out_of_memory, load_checkpoint,
+                        memory_fix, memory_summary, peak_flops, pick_backend, pick_compile, pick_device, pick_dtype,
+                        pick_flash, save_checkpoint, split_model_args, step_seed, use_device, without_fused)
 from model import GPT, GPTConfig
 from plot import RunLog
 from scoring import bits_per_byte, hellaswag_counts, hellaswag_file, read_hellaswag, render_hellaswag, score_sums
-from tokenizer import DATA_DIR, DataError, load_meta, load_tokenizer
+from tokenizer import DATA_DIR, DataError, check_bins, load_meta, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings
@@ -134,16 +136,41 @@ try:  # found now, rather than when the first checkpoint is due
 except OSError as e:
     fail(f"cannot write to out_dir '{out_dir}' ({e.strerror}): choose another with --out_dir=PATH")
 
+
+def fail_together(message):
+    """Every process calls it; if one has a message (the others None), it is said and all stop, together. Said
+    before the others learn of it: torchrun stops the rest as soon as one exits, which could cut it off."""
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    flag = torch.tensor(float(message is not None), device=device)
+    if ddp:
+        dist.all_reduce(flag)
+    if flag.item() > 0:
+        sys.exit(1)
+
+
+lock = busy = None
+try:  # one run per out_dir: the master holds its lock (torchrun's other processes share it) until the run exits
+    lock = RunLock(out_dir) if master else None
+except ValueError as e:
+    busy = e
+fail_together(busy)
+if lock is not None:
+    atexit.register(lock.release)
+    if lock.notice:  # a killed run's lock taken over, or none possible here
+        log(lock.notice)
+
 # -----------------------------------------------------------------------------
 # data
 data_dir = os.path.join(DATA_DIR, dataset)
-try:
+try:  # meta.json whole, and each .bin as long as it says
     meta = load_meta(data_dir)
+    check_bins(data_dir, meta)
 except DataError as e:
     fail(e)
 chat = 'chat' in meta  # conversations: a mask of the targets and the conversations' starts beside the ids
 for split in ('train', 'val'):
-    for f in [f'{split}.bin'] + [f'{split}_mask.bin', f'{split}_starts.bin'] * chat:
+    for f in [f'{split}_mask.bin', f'{split}_starts.bin'] * chat:  # check_bins has checked the .bin files
         if not os.path.isfile(os.path.join(data_dir, f)):
             fail(f"{data_dir}/{f} is missing: run 'python prepare.py {dataset}' again")
 try:
@@ -194,6 +221,22 @@ def get_batch(split, stream):
 # -----------------------------------------------------------------------------
 # model
 iter_num, best_val_loss = 0, float('inf')  # optimizer steps taken so far; the lowest val loss yet
+memory, stage = device_memory(device), 'building the model'  # bytes this process may use; where it is, for on_oom
+
+
+def on_oom(kind, e, traceback):
+    """Out of memory anywhere (the model, a step, an evaluation): one line saying where, the estimate and the fix,
+    not a traceback; exit status 1. Nothing was saved, so the checkpoints on disk are those from before."""
+    if not is_out_of_memory(e):
+        return sys.__excepthook__(kind, e, traceback)
+    with torch.device('meta'):  # the model's shape, without its memory
+        need = GPT(GPTConfig(**model_args)).estimate_memory(batch_size, dtype)
+    fix = memory_fix(need, memory, batch_size, gradient_accumulation_steps, world, stage == 'building the model')
+    print(f"error: out of memory {stage} on {device} ({type(e).__name__}); a step needs {memory_summary(need)} "
+          f"by the estimate, of {human_bytes(memory or 0)} available: {fix}", file=sys.stderr)
+
+
+sys.excepthook = on_oom
 # GPUs run matmuls fastest on multiples of 64: GPT-2's 50257 tokens become 50304 (the extra rows are never
 # a target, so training pushes their logits down; sample.py never draws them). Below 4096 tokens the matmul
 # is too small for this to matter: small vocabularies stay exact, a character model's first loss is ln(65) = 4.17.
@@ -282,6 +325,11 @@ if not (ddp and fsdp):  # FSDP moves each Block to the GPU as it shards it: the 
     model.to(device)
 block_size = config['block_size'] = model.config.block_size  # resolved (a checkpoint's, GPT-2's), for the checkpoint
 log(f"{model.get_num_params() / 1e6:.2f}M parameters")
+need = model.estimate_memory(batch_size, dtype)  # the formula is in model.py
+log(f"memory a step needs, estimated: {memory_summary(need)} in {dtype}; {human_bytes(memory or 0)} available")
+if memory and need['total'] > memory:
+    log(f"warning: more than there is, expect an out-of-memory error: "
+        f"{memory_fix(need, memory, batch_size, gradient_accumulation_steps, world)}")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 log(f"device {device}, dtype {dtype}, flash={flash}, {world} process(es); {tokens_per_iter:,} tokens per iteration "
     f"({gradient_accumulation_steps} x {batch_size} x {block_size})")
@@ -343,20 +391,28 @@ def save(names):
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
-    if not master:  # FSDP gathered the shards to full tensors on the master only (cpu_offload)
-        return
-    if ddp and fsdp:  # by number, as torch.optim keys it, so that any run (DDP, FSDP, one process, nanoGPT's) reads it
-        name_to_number = {n: i for i, n in enumerate(n for g in optim_sd['param_groups'] for n in g['params'])}
-        optim_sd = rekey(optim_sd, name_to_number)
-    args, arch = split_model_args(model_args)  # nanoGPT's GPTConfig keys, and ours (checkpoint.py)
-    checkpoint = dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), model_args=args, arch=arch,
-                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng_state=rng_state[0])
-    if device_type == 'cuda':
-        checkpoint['cuda_rng_state'] = rng_state[1]
-    t = time.perf_counter()
-    for name in names:  # each written whole, or not at all (checkpoint.py)
-        save_checkpoint(checkpoint, os.path.join(out_dir, name))
-    dt = time.perf_counter() - t  # torchrun SIGKILLs 30 s after its SIGTERM: a signal's save must fit (docs/devices.md)
+    global saved_at
+    error, dt = None, 0.0
+    if master:  # FSDP gathered the shards to full tensors on the master only (cpu_offload)
+        if ddp and fsdp:  # by number, as torch.optim keys it, so that any run (DDP, FSDP, one process, nanoGPT's) reads it
+            name_to_number = {n: i for i, n in enumerate(n for g in optim_sd['param_groups'] for n in g['params'])}
+            optim_sd = rekey(optim_sd, name_to_number)
+        args, arch = split_model_args(model_args)  # nanoGPT's GPTConfig keys, and ours (checkpoint.py)
+        checkpoint = dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), model_args=args, arch=arch,
+                          iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng_state=rng_state[0])
+        if device_type == 'cuda':
+            checkpoint['cuda_rng_state'] = rng_state[1]
+        t = time.perf_counter()
+        try:
+            for name in names:  # each written whole, or not at all, leaving the old one (checkpoint.py)
+                save_checkpoint(checkpoint, os.path.join(out_dir, name))
+                saved_at = iter_num if name == 'last.pt' else saved_at
+        except CheckpointError as e:
+            error = f"{e}: stopped; " + (f"last.pt of iteration {saved_at} is whole: make space and run the same "
+                                         f"command with --init_from=resume" if saved_at is not None else
+                                         "this run has not saved a checkpoint yet: make space and start again")
+        dt = time.perf_counter() - t  # torchrun SIGKILLs 30 s after its SIGTERM: a signal's save must fit (docs/devices.md)
+    fail_together(error)  # no process goes on without the checkpoint
     log(f"saved {', '.join(names)} at iteration {iter_num} ({dt:.1f} s)" + (
         "; under torchrun a preempted run has 30 s to save: see docs/devices.md" if dt > 10 else ""))
 
@@ -436,6 +492,7 @@ if wandb_log and master:
     except ImportError:
         fail("wandb_log=True needs wandb: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+saved_at = iter_num if init_from == 'resume' else None  # the iteration of this run's last.pt on disk
 run_log = RunLog(out_dir, resume_at=iter_num if init_from == 'resume' else 0, plot=plot) if master else None
 record = run_log.record if master else (lambda **fields: None)  # a line of out_dir/log.jsonl (plot.py draws it)
 stop_signal = None  # 'SIGTERM' or 'SIGINT' once one asks the run to stop (on_signal)
@@ -452,6 +509,7 @@ while True:
 
     # evaluate, log, save
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        stage = 'in an evaluation'
         losses = estimate_loss()
         if not all(map(math.isfinite, losses.values())):
             fail(f"the evaluation at iteration {iter_num} gave loss {losses}: stopping; the checkpoints "
@@ -491,7 +549,7 @@ while True:
 
     # one optimizer step over gradient_accumulation_steps micro-batches, micro_steps of them here;
     # this process's are the global micro-steps rank * micro_steps ... (DESIGN.md, Determinism)
-    loss_sum = torch.zeros((), device=device)
+    stage, loss_sum = 'in a training step', torch.zeros((), device=device)
     batches = [get_batch('train', (seed, 0, iter_num, rank * micro_steps + m)) for m in range(micro_steps)]
     if chat:  # the step's loss is the mean over all its targets: their number over every micro-step and process first
         n_targets = sum((Y >= 0).sum() for _, Y in batches).float()
