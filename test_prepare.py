@@ -312,7 +312,7 @@ def test_killed_run_leaves_the_old_dataset_intact(repo, tmp_path, where):
         assert meta == old_meta and all(np.array_equal(ids[s], old_ids[s]) for s in ids)
     else:
         assert not (data / 'meta.json').exists()
-        assert_one_line_error(run(repo, 'train.py', *TINY, '--dataset=tinystories', ok=False),
+        assert_one_line_error(run(repo, 'train.py', *TINY, '--dataset=tinystories', '--max_iters=1', ok=False),
                               'half prepared', "'python prepare.py tinystories' again")
     run(repo, 'prepare.py', *new)
     meta, _ = read(repo, 'tinystories')  # whole, and no .tmp file left
