@@ -7,6 +7,7 @@ Measures what this repository exists for, and prints the command that reproduces
     python bench.py --mode=sample              # generate() from the baby GPT, with and without the KV cache
     python bench.py --mode=train --nanogpt=../nanoGPT    # also whole train.py processes, ours and nanoGPT's
     python bench.py --mode=sample --nanogpt=../nanoGPT   # also whole sample.py processes on a nanoGPT checkpoint
+    python bench.py --mode=train --shape=tiny --rounds=1 --iters=2   # seconds: that it runs (test_tools.py)
 
 prepare: writes a TinyStories-format corpus (documents of tiny-Shakespeare lines separated by
 <|endoftext|> lines) of --mb megabytes to a temporary folder, runs prepare.py on it as a user
@@ -60,10 +61,10 @@ from tokenizer import DATA_DIR, gpt2_encoding
 mode = 'prepare'  # 'prepare' | 'train' | 'sample'
 seed = 1337  # seeds the generated corpus, the weights and the random tokens
 # prepare
-mb = 200  # size of the generated corpus, in megabytes
+mb = 200.0  # size of the generated corpus, in megabytes
 workers = 0  # prepare.py's --workers; 0 = one per core
 # train and sample
-shape = 'auto'  # 'cpu': nanoGPT's CPU recipe | 'baby': the baby GPT | 'auto': cpu to train, baby to sample
+shape = 'auto'  # 'cpu': nanoGPT's CPU recipe | 'baby': the baby GPT | 'auto': cpu to train, baby to sample | 'tiny'
 variants = 'plain,fused,bf16,bf16+manual,bf16+manual+fused,compile,1thread'  # train: '+' joins options
 rounds = 5  # train: rounds over the variants (round-robin)
 iters = 10  # train: timed steps per variant in each round
@@ -85,6 +86,7 @@ configurator.configure(globals())
 SHAPES = {
     'cpu': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0),
     'baby': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16, dropout=0.2),
+    'tiny': dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, dropout=0.0),  # a check, in seconds
 }
 
 
@@ -234,13 +236,13 @@ def bench_prepare():
     tokens = sum(int(last.split(f)[0].split()[-1].replace(',', '')) for f in (' train and', ' val tokens'))
     cores = int(last.split(' on ')[1].split()[0])
 
-    print(f"\nprepare.py, GPT-2 BPE, {size / 1e6:,.0f} MB corpus, {tokens:,} tokens, {cores} process(es):")
+    print(f"\nprepare.py, GPT-2 BPE, {size / 1e6:,.3g} MB corpus, {tokens:,} tokens, {cores} process(es):")
     print(f"  end to end (read, encode, write):  {tokens / dt / 1e6:6.2f} M tokens/s  ({dt:.1f} s)")
     print(f"  encode_ordinary on one core:       {single / 1e6:6.2f} M tokens/s  (median of 5; "
           f"{min(rates) / 1e6:.2f} to {max(rates) / 1e6:.2f})")
     print(f"  share of the limit ({cores} x one core): {tokens / dt / (cores * single):6.0%}")
     print(f"  peak resident memory, all processes: {peak / 2**20:,.0f} MiB")
-    print(f"reproduce: python bench.py --mode=prepare --mb={mb} --workers={workers}")
+    print(f"reproduce: python bench.py --mode=prepare --mb={mb:g} --workers={workers}")
 
 
 def cpu_seconds():
@@ -400,7 +402,7 @@ elif mode in ('train', 'sample'):
         torch.set_num_threads(threads)
     name = shape if shape != 'auto' else {'train': 'cpu', 'sample': 'baby'}[mode]
     if name not in SHAPES:
-        configurator.fail(f"shape must be 'auto', 'cpu' or 'baby', not '{shape}'")
+        configurator.fail(f"shape must be 'auto', 'cpu', 'baby' or 'tiny', not '{shape}'")
     if variants if mode == 'train' else ways:  # --variants= (or --ways=) with --nanogpt: the processes only
         (bench_train if mode == 'train' else bench_sample)(dict(SHAPES[name], name=name))
     if nanogpt:

@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 from checkpoint import load_checkpoint
@@ -98,14 +99,42 @@ def test_rope_model_has_no_wpe_and_counts():
 # grouped-query attention, parameter counts
 
 
+def gpt2_forward(sd, idx, n_head):
+    """GPT-2's forward pass written out from a state_dict alone, in float64: learned positions, pre-LayerNorm
+    blocks of causal softmax attention and an exact-GELU MLP, a final LayerNorm, lm_head tied to wte (the
+    GPT-2 paper, section 2.3; OpenAI's src/model.py). The independent computation model.py must equal."""
+    w = {k: v.double() for k, v in sd.items()}
+    ln = lambda x, name: F.layer_norm(x, x.shape[-1:], w[name + '.weight'], w[name + '.bias'], 1e-5)
+    linear = lambda x, name: x @ w[name + '.weight'].T + w[name + '.bias']
+    B, T = idx.shape
+    x = w['transformer.wte.weight'][idx] + w['transformer.wpe.weight'][:T]  # (B, T, C)
+    C = x.size(-1)
+    hs = C // n_head
+    future = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)  # key j > query i
+    for layer in range(len({k.split('.')[2] for k in w if k.startswith('transformer.h.')})):
+        p = f'transformer.h.{layer}.'
+        q, k, v = linear(ln(x, p + 'ln_1'), p + 'attn.c_attn').split(C, dim=-1)  # 3 x (B, T, C)
+        heads = lambda t: t.reshape(B, T, n_head, hs).permute(0, 2, 1, 3)  # (B, nh, T, hs)
+        scores = heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(hs)  # (B, nh, T, T)
+        y = scores.masked_fill(future, float('-inf')).softmax(-1) @ heads(v)  # (B, nh, T, hs)
+        x = x + linear(y.permute(0, 2, 1, 3).reshape(B, T, C), p + 'attn.c_proj')  # heads side by side
+        x = x + linear(F.gelu(linear(ln(x, p + 'ln_2'), p + 'mlp.c_fc')), p + 'mlp.c_proj')
+    return ln(x, 'transformer.ln_f') @ w['transformer.wte.weight'].T  # (B, T, vocab)
+
+
 @pytest.mark.parametrize('flash', [True, False])
-def test_gqa_with_n_kv_head_equal_n_head_is_plain_attention(flash):
-    """n_kv_head = n_head has the plain model's parameters, and with the same weights the same logits."""
-    plain, gqa = tiny(flash=flash), tiny(seed=1, flash=flash, n_kv_head=4)
-    gqa.load_state_dict(plain.state_dict())
+@pytest.mark.parametrize('n_kv_head', [0, 4])
+def test_plain_attention_equals_gpt2_written_out(flash, n_kv_head):
+    """The default model, and n_kv_head = n_head (grouped-query attention with groups of one), on both
+    attention paths: the logits of GPT-2 computed here from the same weights."""
+    m = tiny(flash=flash, n_kv_head=n_kv_head)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.3)  # lively weights: attention far from uniform
     idx = random_idx()
     with torch.no_grad():
-        torch.testing.assert_close(gqa(idx, idx)[0], plain(idx, idx)[0], atol=0, rtol=0)
+        logits, _ = m(idx, idx)  # (B, T, vocab): with targets, every position's
+    torch.testing.assert_close(logits.double(), gpt2_forward(m.state_dict(), idx, n_head=4), atol=1e-5, rtol=0)
 
 
 def repeated_kv_state_dict(gqa):
@@ -184,11 +213,31 @@ def test_rmsnorm_value():
 
 
 def test_everything_off_is_gpt2_exactly():
-    """The switches at their defaults build the same parameters, drawn the same, as before them."""
-    a, b = tiny(), tiny(rope=False, rmsnorm=False, swiglu=False, n_kv_head=0, qk_norm=False)
-    assert list(a.state_dict()) == list(b.state_dict())
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert 'transformer.wpe.weight' in a.state_dict() and 'transformer.h.0.ln_1.bias' in a.state_dict()
+    """The switches at their defaults build GPT-2's parameters, named and shaped as its checkpoints, drawn
+    as the GPT-2 paper says: N(0, 0.02), the residual projections N(0, 0.02 / sqrt(2 n_layer)) (section
+    2.3), zero biases, LayerNorms at gain 1; lm_head is wte (tied)."""
+    C, L, V, T = 32, 2, 65, 16
+    m = tiny(rope=False, rmsnorm=False, swiglu=False, n_kv_head=0, qk_norm=False)
+    block = {'ln_1.weight': (C,), 'ln_1.bias': (C,), 'attn.c_attn.weight': (3 * C, C), 'attn.c_attn.bias': (3 * C,),
+             'attn.c_proj.weight': (C, C), 'attn.c_proj.bias': (C,), 'ln_2.weight': (C,), 'ln_2.bias': (C,),
+             'mlp.c_fc.weight': (4 * C, C), 'mlp.c_fc.bias': (4 * C,), 'mlp.c_proj.weight': (C, 4 * C),
+             'mlp.c_proj.bias': (C,)}
+    shapes = {'transformer.wte.weight': (V, C), 'transformer.wpe.weight': (T, C),
+              **{f'transformer.h.{i}.{k}': s for i in range(L) for k, s in block.items()},
+              'transformer.ln_f.weight': (C,), 'transformer.ln_f.bias': (C,), 'lm_head.weight': (V, C)}
+    sd = m.state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == shapes
+    assert m.lm_head.weight is m.transformer.wte.weight
+    torch.manual_seed(0)
+    big = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=128, block_size=64, vocab_size=512))  # enough draws for a std
+    for name, p in big.state_dict().items():
+        if name.endswith('bias'):
+            assert (p == 0).all(), name
+        elif '.ln_' in name:
+            assert (p == 1).all(), name
+        else:
+            want = 0.02 / math.sqrt(2 * 8) if name.endswith('c_proj.weight') else 0.02
+            assert p.std().item() == pytest.approx(want, rel=0.1) and abs(p.mean().item()) < want / 10, name
 
 
 # -----------------------------------------------------------------------------

@@ -243,10 +243,3 @@ def settings_scope(script):
     exec(source[:source.index('config = configurator.configure(globals())')], scope)
     return scope
 
-
-@pytest.mark.parametrize('path', sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py')))
-def test_every_recipe_is_valid_for_train_py(path):
-    """Each config/ file sets only train.py's settings, with the right types."""
-    scope = settings_scope('train.py')
-    config = configurator.configure(scope, [os.path.join(ROOT, 'config', path)])
-    assert config['dataset'] and config['out_dir'].startswith('out-')

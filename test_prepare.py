@@ -7,14 +7,15 @@ Fixture corpora are written by the tests; the hub is stood in for by a server on
 import functools
 import http.server
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -215,6 +216,22 @@ def test_tokenizer_over_65536_ids_is_stored_as_uint32(repo, tmp_path):
     run(repo, 'train.py', *TINY, '--dataset=big', '--max_iters=2', '--eval_interval=2', '--out_dir=out-big')
     ckpt = torch.load(repo / 'out-big' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_args']['vocab_size'] == 70016  # padded up to a multiple of 64
+    # train.py reads the ids as uint32: a model that spreads its probability evenly over the 12 ids the
+    # text uses (all above 65,535) has the loss ln 12 on both splits; read as uint16, each id would be two
+    # ids (its low and high halves), none of them among the 12, at a loss of ~30. The model ignores its
+    # input: ln_f outputs (1, 0, ..., 0) whatever comes in, which the tied wte = lm_head scores 30 for those ids.
+    used = sorted(set(ids['train'].tolist()) | set(ids['val'].tolist()))
+    assert len(used) == 12
+    sd = ckpt['model']
+    sd['transformer.ln_f.weight'].zero_()
+    sd['transformer.ln_f.bias'].zero_()[0] = 1.0
+    for name in ('transformer.wte.weight', 'lm_head.weight'):  # one tensor in the model; both names in the file
+        sd[name][:, 0] = 0.0
+        sd[name][used, 0] = 30.0
+    torch.save(ckpt, repo / 'out-big' / 'last.pt')
+    p = run(repo, 'train.py', *TINY, '--dataset=big', '--eval_only=True', '--init_from=resume', '--out_dir=out-big')
+    losses = re.search(r'train loss ([0-9.]+), val loss ([0-9.]+)', p.stdout).groups()
+    assert [float(v) for v in losses] == pytest.approx([math.log(12)] * 2, abs=1e-4), p.stdout
     p = run(repo, 'sample.py', '--out_dir=out-big', '--start=the cat', '--num_samples=1', '--max_new_tokens=5')
     assert p.stdout.startswith('the cat')
 
@@ -253,24 +270,53 @@ def test_chunks_encode_to_the_tokens_of_the_whole(tmp_path, monkeypatch):
     assert [i for p in parts for i in bpe.encode(p).ids] == bpe.encode(text).ids
 
 
-def test_killed_run_leaves_the_old_dataset_intact(repo, tmp_path):
-    """SIGKILL in the middle of re-preparing: train.bin is never truncated, meta.json never lies."""
+# prepare.py as a user runs it, but killed (SIGKILL: no clean-up can run) at a known point of its work
+KILLED_AT = """
+import os, signal, sys
+import prepare
+where, sys.argv = sys.argv[1], ['prepare.py', *sys.argv[2:]]
+prepare.CHUNK_BYTES = 4096  # a small file in many chunks
+run_tasks, replace = prepare.run_tasks, os.replace
+def killing_run_tasks(fn, tasks, workers, init):
+    for i, result in enumerate(run_tasks(fn, tasks, workers, init)):
+        if where == 'first chunk' and fn is prepare._encode_task and i == 1:  # chunk 0 went to train.bin.tmp
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield result
+def killing_replace(src, dst):  # the new files are complete, the old meta.json removed, none renamed yet
+    if where == 'renames':
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+prepare.run_tasks, os.replace = killing_run_tasks, killing_replace
+prepare.main()
+"""
+
+
+@pytest.mark.parametrize('where', ['first chunk', 'renames'])
+def test_killed_run_leaves_the_old_dataset_intact(repo, tmp_path, where):
+    """SIGKILL while re-preparing, after the first chunk is written: the old dataset is whole and
+    meta.json still describes it. SIGKILL just before the new files are renamed into place: the
+    old meta.json is already gone (it must never describe the new files), and train.py refuses in one
+    line, naming the command that mends it, rather than take the .bin files for a nanoGPT folder (GPT-2
+    ids); that command then completes and leaves no temporary file behind."""
     tinystories_file(tmp_path / 'small.txt', stories(100, 7))
     run(repo, 'prepare.py', 'tinystories', f'--input={tmp_path / "small.txt"}')
-    tinystories_file(tmp_path / 'large.txt', stories(30000, 8))
-    p = subprocess.Popen([sys.executable, 'prepare.py', 'tinystories', f'--input={tmp_path / "large.txt"}'],
-                         cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-                         env=dict(os.environ, PYTHONUNBUFFERED='1'))
-    p.stdout.readline()  # the first pass is done; encoding has started
-    time.sleep(0.5)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    old_meta, old_ids = read(repo, 'tinystories')
+    tinystories_file(tmp_path / 'large.txt', stories(300, 8))  # ~100 KB: ~25 chunks of 4 KB
+    new = ['tinystories', f'--input={tmp_path / "large.txt"}', '--workers=1']
+    p = subprocess.run([sys.executable, '-c', KILLED_AT, where, *new], cwd=repo, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
     data = repo / 'data' / 'tinystories'
-    if (data / 'meta.json').exists():  # a complete dataset, old or new, whose sizes match meta.json
-        read(repo, 'tinystories', leftovers_allowed=True)  # SIGKILL gives no chance to remove .tmp files
-    else:  # killed between removing the old meta.json and writing the new one: train.py refuses
-        p = run(repo, 'train.py', *TINY, '--dataset=tinystories', ok=False)
-        assert_one_line_error(p, 'python prepare.py tinystories')
+    assert (data / 'train.bin.tmp').exists()  # killed in the middle of the work, as meant
+    if where == 'first chunk':
+        meta, ids = read(repo, 'tinystories', leftovers_allowed=True)  # SIGKILL leaves the .tmp files
+        assert meta == old_meta and all(np.array_equal(ids[s], old_ids[s]) for s in ids)
+    else:
+        assert not (data / 'meta.json').exists()
+        assert_one_line_error(run(repo, 'train.py', *TINY, '--dataset=tinystories', '--max_iters=1', ok=False),
+                              'half prepared', "'python prepare.py tinystories' again")
+    run(repo, 'prepare.py', *new)
+    meta, _ = read(repo, 'tinystories')  # whole, and no .tmp file left
+    assert meta['train_tokens'] > old_meta['train_tokens']
 
 
 @pytest.mark.parametrize('setup, args, fragments', [

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,9 +162,18 @@ def test_two_processes_equal_one(repo, mode):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     for it, loss in logged(one.stdout, 'loss').items():
         assert logged(two.stdout, 'loss')[it] == pytest.approx(loss, abs=1e-5)
+    # the evaluations too: each process takes every other batch, and the sums are added up
+    val = lambda p: [float(v) for v in re.findall(r'val loss ([0-9.]+)', p.stdout)]
+    assert len(val(one)) == 3 and val(two) == pytest.approx(val(one), abs=1e-4)
     assert sorted(os.listdir(repo / f'out-{mode}')) == ['ckpt.pt', 'last.pt', 'log.jsonl', 'loss.png']  # one of each
     # 4 steps, resume to 8 under torchrun: bit-identical to the 8 straight
     torchrun(repo, *args, '--max_iters=4', f'--fsdp={mode == "fsdp"}', f'--out_dir=out-{mode}-r')
+    if mode == 'fsdp':  # its checkpoint holds whole tensors: one process without FSDP resumes it, to 8 as well
+        shutil.copytree(repo / 'out-fsdp-r', repo / 'out-fsdp-1p')
+        p = run(repo, 'train.py', *args, '--out_dir=out-fsdp-1p', '--init_from=resume')
+        assert sorted(logged(p.stdout, 'loss')) == [4, 5, 6, 7] and '1 process(es)' in p.stdout
+        for k, v in weights(repo, 'out-fsdp-1p').items():
+            torch.testing.assert_close(v, a[k], rtol=0, atol=1e-6)
     torchrun(repo, *args, f'--fsdp={mode == "fsdp"}', f'--out_dir=out-{mode}-r', '--init_from=resume')
     assert_same_weights(b, weights(repo, f'out-{mode}-r'))
 

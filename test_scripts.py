@@ -36,8 +36,8 @@ def run(repo, script, *args, ok=True):
 
 
 def assert_one_line_error(p, *fragments):
-    """A user's mistake: non-zero exit, exactly one line on stderr naming the problem, no traceback."""
-    assert p.returncode != 0, p.stdout
+    """A user's mistake: exit status 1, exactly one line on stderr naming the problem, no traceback."""
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr
     for fragment in fragments:
@@ -185,15 +185,25 @@ def test_targets_are_the_next_tokens(repo, tmp_path):
 
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
 def test_mixed_precision_on_the_cpu(repo, dtype):
-    """CPU autocast in both half types; float16 goes through the GradScaler, whose state the
-    checkpoint keeps and the resumed run continues from."""
-    common = [*TINY, f'--dtype={dtype}', '--eval_interval=3', f'--out_dir=out-{dtype}']
-    first = run(repo, 'train.py', *common, '--max_iters=3')
-    second = run(repo, 'train.py', *common, '--max_iters=5', '--init_from=resume')
+    """CPU autocast in both half types; float16 goes through the GradScaler, whose state the checkpoint
+    keeps and a resumed run continues from: 3 steps + resume to 5 end where 5 straight do, bit for bit,
+    scaler included. The gradient is clipped after unscale_: with beta1 = 0, AdamW's exp_avg is the last
+    gradient the optimizer got, whose norm is grad_clip (the scaled one's would be 65,536 times too big)."""
+    common = [*TINY, f'--dtype={dtype}', '--eval_interval=3', '--beta1=0.0', '--grad_clip=0.01']
+    first = run(repo, 'train.py', *common, '--max_iters=3', f'--out_dir=out-{dtype}')
+    second = run(repo, 'train.py', *common, '--max_iters=5', '--init_from=resume', f'--out_dir=out-{dtype}')
     losses = {**logged(first.stdout, 'loss'), **logged(second.stdout, 'loss')}
     assert sorted(losses) == list(range(5)) and all(math.isfinite(v) and v < 4.5 for v in losses.values())
-    scaler = torch.load(repo / f'out-{dtype}' / 'ckpt.pt', weights_only=True)['scaler']
-    assert (scaler.get('scale', 0) > 0) == (dtype == 'float16')
+    resumed = torch.load(repo / f'out-{dtype}' / 'ckpt.pt', weights_only=True)
+    assert (resumed['scaler'].get('scale', 0) > 0) == (dtype == 'float16')
+    norm = torch.cat([s['exp_avg'].flatten() for s in resumed['optimizer']['state'].values()]).norm().item()
+    assert norm == pytest.approx(0.01, rel=1e-4)
+    if dtype == 'float16':
+        straight = run(repo, 'train.py', *common, '--max_iters=5', '--out_dir=out-float16-straight')
+        assert logged(straight.stdout, 'loss') == losses
+        a = torch.load(repo / 'out-float16-straight' / 'ckpt.pt', weights_only=True)
+        assert a['scaler'] == resumed['scaler']  # the scale, and the count of steps since it last changed
+        assert all(torch.equal(a['model'][k], resumed['model'][k]) for k in a['model'])
 
 
 def test_bfloat16_on_the_cpu_learns_like_float32(repo):

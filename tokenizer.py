@@ -307,6 +307,11 @@ def load_meta(data_dir):
             raise DataError(f"{path} says dtype {meta['dtype']!r}, expected 'uint16' or 'uint32': "
                             f"remake it with {remake(name)}")
         return meta
+    # prepare.py killed after removing the old meta.json, before renaming the new one into place: the .bin
+    # files beside it are not a nanoGPT folder's (GPT-2 ids as uint16, below), whatever they hold
+    if os.path.isfile(path + '.tmp'):
+        raise DataError(f"dataset '{name}' is half prepared (prepare.py was stopped while renaming its files): "
+                        f"run 'python prepare.py {name}' again, with the same options")
     bins = [os.path.join(data_dir, f'{s}.bin') for s in ('train', 'val')]
     if not all(map(os.path.isfile, bins)):
         raise DataError(f"dataset '{name}' is not prepared ({path} is missing): run 'python prepare.py {name}' "

@@ -1,0 +1,102 @@
+"""
+Every recipe in config/ builds a valid GPTConfig at its own size, and trains 2 iterations (or, for the
+eval_only ones, evaluates) with its own settings, overridden only where this machine and the test's
+time demand it, each override said below. The real train.py, as a subprocess, on tiny data.
+"""
+
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+import configurator
+from checkpoint import GPT2_SIZES
+from model import GPT, GPTConfig
+from test_configurator import settings_scope
+from test_scripts import ROOT, repo, run  # noqa: F401 (repo is a fixture)
+
+RECIPES = sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py'))
+MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'flash', 'rope', 'rmsnorm', 'swiglu',
+              'n_kv_head', 'qk_norm')
+# eval_gpt2_{medium,large,xl}.py are eval_gpt2.py with another init_from (checked below): running one of the four
+# covers the others, whose only difference the test would override anyway
+RUN = [r for r in RECIPES if not re.match(r'eval_gpt2_', r)]
+
+
+def recipe(name):
+    """train.py's settings with the recipe applied, as train.py resolves its command line."""
+    return configurator.configure(settings_scope('train.py'), [os.path.join(ROOT, 'config', name)])
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_recipe_builds_a_gpt_config(name):
+    c = recipe(name)
+    assert c['dataset'] and c['out_dir'] == 'out-' + c['out_dir'][4:] and c['out_dir'] != 'out-'
+    if c['init_from'] == 'scratch':  # the size it trains at; GPTConfig refuses what does not fit together
+        vocab = 65 if c['dataset'] == 'shakespeare_char' else 50304
+        GPTConfig(**{k: c[k] for k in MODEL_KEYS}, vocab_size=vocab)
+    else:  # GPT-2's weights, of one of the four sizes
+        n_layer, n_head, n_embd = GPT2_SIZES[c['init_from']]
+        GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257)
+    if name.startswith('eval_gpt2_'):
+        others = {k: v for k, v in c.items() if k not in ('init_from', 'out_dir')}
+        assert others == {k: v for k, v in recipe('eval_gpt2.py').items() if k not in ('init_from', 'out_dir')}
+
+
+def tiny_hf_folder(folder):
+    """A random GPT-2 of GPT-2's vocabulary in the Hugging Face layout (config.json, pytorch_model.bin),
+    1 layer x 2 heads x 16, 64 positions: what init_from='gpt2' downloads, in small."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50257))
+    conv1d = ('c_attn.weight', 'c_proj.weight', 'c_fc.weight')  # stored (in, out) by transformers' Conv1D
+    weights = {k: v.t().contiguous() if k.endswith(conv1d) else v
+               for k, v in m.state_dict().items() if k != 'lm_head.weight'}
+    os.makedirs(folder)
+    torch.save(weights, os.path.join(folder, 'pytorch_model.bin'))
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(dict(model_type='gpt2', n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257,
+                       activation_function='gelu_new'), f)
+
+
+@pytest.fixture(scope='module')
+def gpt2_data(repo, tmp_path_factory):  # noqa: F811
+    """tiny Shakespeare in GPT-2's BPE (301,966 train tokens), and the tiny Hugging Face folder."""
+    run(repo, 'prepare.py', 'shakespeare')
+    folder = str(tmp_path_factory.mktemp('hf') / 'gpt2')
+    tiny_hf_folder(folder)
+    return folder
+
+
+@pytest.mark.parametrize('name', RUN)
+def test_recipe_trains_two_iterations(repo, gpt2_data, name):  # noqa: F811
+    c = recipe(name)
+    overrides = dict(
+        device='cpu',  # the test machine's (a GPU recipe says 'auto')
+        compile=False,  # torch.compile takes a minute on a CPU (train_gpt2.py sets True)
+        max_iters=2,  # 2 iterations; evaluations at 0 and 2
+        eval_iters=2,  # not hundreds of batches per evaluation
+        plot=False,  # matplotlib costs a second a run; test_plot.py draws
+    )
+    if c['dataset'] not in ('shakespeare_char', 'shakespeare'):  # openwebtext, tinystories: GPT-2 BPE as theirs
+        overrides['dataset'] = 'shakespeare'
+    if c['init_from'] == 'scratch':  # GPU sizes made tiny: the same heads and key/value heads, 4 wide each
+        overrides.update(n_embd=4 * c['n_head'], block_size=16, batch_size=1)
+    else:  # GPT-2's weights without the download: its layout and vocabulary, 1 x 2 x 16 (block 64)
+        overrides['init_from'] = gpt2_data
+    p = run(repo, 'train.py', f'config/{name}', *(f'--{k}={v}' for k, v in overrides.items()))
+    val = [float(v) for v in re.findall(r'val loss ([0-9.]+)', p.stdout)]
+    assert val and all(math.isfinite(v) for v in val), p.stdout
+    if c['eval_only']:
+        assert len(val) == 1 and 'iter 0:' not in p.stdout and not os.path.exists(repo / c['out_dir'] / 'last.pt')
+        return
+    assert len(val) == 2 and 'iter 0:' in p.stdout
+    ckpt = torch.load(repo / c['out_dir'] / 'last.pt', weights_only=True)
+    assert ckpt['iter_num'] == 2
+    # train.py stores what 'auto' or the model chose; finetune_shakespeare.py names its run by the clock
+    resolved = ('device', 'dtype', 'compile', 'block_size', 'wandb_run_name')
+    saved = ckpt['config']
+    mismatched = {k: (saved[k], v) for k, v in c.items() if k not in overrides and k not in resolved and saved[k] != v}
+    assert not mismatched  # every other setting is the recipe's (or train.py's default that it keeps)
