@@ -27,6 +27,7 @@ The tokenizers themselves live in tokenizer.py; importing this file does nothing
 
 import argparse
 import collections
+import glob
 import http.client
 import json
 import os

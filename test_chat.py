@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -223,7 +224,6 @@ def test_a_finetuned_model_answers_held_out_questions(repo):
     # ~0.001 by step 500 (at 400, 'again' was right 69 times in 100); one thread: on 2 busy cores 4x faster
     # than two contending ones (~90 ms a step)
     one_thread = dict(os.environ, OMP_NUM_THREADS='1')
-    import subprocess
     train = subprocess.run([sys.executable, 'train.py', *TINY[1:], '--dataset=skill2k', '--n_layer=2', '--n_embd=64',
                             '--block_size=64', '--batch_size=32', '--max_iters=500', '--eval_interval=500',
                             '--eval_iters=1', '--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=20',
@@ -241,6 +241,14 @@ def test_a_finetuned_model_answers_held_out_questions(repo):
     right = [replies[2 * i] == w.upper() for i, w in enumerate(words)]
     again = [replies[2 * i + 1] == w.upper() for i, w in enumerate(words)]
     assert sum(right) >= 90 and sum(again) >= 90, (sum(right), sum(again), replies[:10])
+    # the cache kept across turns is exact: the same replies recomputing everything; a conversation longer
+    # than the context (64 tokens, ~10 a turn) drops its oldest turns, says so once, and still answers
+    long = ''.join(f"{w}\nagain\n" for w in words[:12])
+    kept, plain = (subprocess.run([sys.executable, 'chat.py', '--out_dir=out-skill', '--device=cpu', '--temperature=0',
+                                   '--max_new_tokens=8', f'--kv_cache={c}'], cwd=repo, env=one_thread, input=long,
+                                  capture_output=True, text=True, timeout=300) for c in (True, False))
+    assert kept.stdout == plain.stdout and kept.stderr.count('oldest turns are dropped') == 1
+    assert sum(r == w.upper() for r, w in zip(kept.stdout.splitlines(), [w for w in words[:12] for _ in 'ab'])) >= 21
 
 
 def test_export_of_a_chat_model_from_gpt2_weights_replies_as_chat_py(repo, tmp_path, monkeypatch):
@@ -302,11 +310,3 @@ def test_alpaca_from_the_hub(tmp_path, monkeypatch):
     first = tok.encode_conversation([dict(role='user', content='Count to 0.\n\n快'), dict(role='assistant', content='0')])
     train = np.fromfile(tmp_path / 'data' / 'alpaca' / 'train.bin', dtype=np.uint16).tolist()
     assert train[:len(first[0])] == first[0] and meta['chat']['tokens']['<|user|>'] == 50258
-    # the cache kept across turns is exact: the same replies recomputing everything; a conversation longer
-    # than the context (64 tokens, ~10 a turn) drops its oldest turns, says so once, and still answers
-    long = ''.join(f"{w}\nagain\n" for w in words[:12])
-    kept, plain = (subprocess.run([sys.executable, 'chat.py', '--out_dir=out-skill', '--device=cpu', '--temperature=0',
-                                   '--max_new_tokens=8', f'--kv_cache={c}'], cwd=repo, env=one_thread, input=long,
-                                  capture_output=True, text=True, timeout=300) for c in (True, False))
-    assert kept.stdout == plain.stdout and kept.stderr.count('oldest turns are dropped') == 1
-    assert sum(r == w.upper() for r, w in zip(kept.stdout.splitlines(), [w for w in words[:12] for _ in 'ab'])) >= 21

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import time
 
 import numpy as np
