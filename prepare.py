@@ -492,8 +492,13 @@ def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp
             tok = hf_tokenizer(os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer)
             tok.save(tmp['tokenizer.json'])
         spec, eot, base_vocab = dict(type='tokenizers', file='tokenizer.json'), eot_of(tok), tok.get_vocab_size()
-    if spec['type'] == 'char' and template is None:  # characters the base never saw: appended, in sorted order
+    if spec['type'] == 'char':  # characters the base never saw: appended, in sorted order
         new = sorted(set().union(*(m['content'] for _, msgs in convs for m in msgs)) - set(spec['chars']))
+    if spec['type'] == 'char' and template is not None and new:  # its markers follow its characters: no room
+        raise DataError(f"the conversations have {len(new)} characters {tokenizer}'s vocabulary lacks "
+                        f"({''.join(new[:20])!r}), and a chat dataset's cannot grow (its markers follow its "
+                        f"characters): use the dataset its base model learned, --tokenizer=data/<that dataset>")
+    if spec['type'] == 'char' and template is None:
         base_vocab = len(spec['chars']) if base_vocab is None else base_vocab
         if new and spec['chars']:
             print(f"{len(new)} characters the base vocabulary of {base_vocab} lacks get ids {base_vocab}..: {''.join(new)!r}")
