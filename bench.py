@@ -53,7 +53,7 @@ import time
 import torch
 
 import configurator
-from checkpoint import autocast_context, pick_device
+from devices import autocast_context, pick_device
 from model import GPT, GPTConfig
 from tokenizer import DATA_DIR, gpt2_encoding
 

@@ -16,7 +16,8 @@ import sys
 import torch
 
 import configurator
-from checkpoint import autocast_context, load_model, pick_device, pick_dtype
+from checkpoint import load_model
+from devices import autocast_context, pick_device, pick_dtype
 from model import KVCache
 from tokenizer import DataError
 

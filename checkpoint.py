@@ -1,311 +1,38 @@
 """
-Where a model comes from and where it goes: the device and precision it runs at, checkpoints
-written and read, GPT-2's weights in the Hugging Face layout, and one call that gives a ready
-model with its tokenizer:
+Where a model comes from and where it goes: checkpoints written and read (whole or not at all), one run
+per out_dir (RunLock), GPT-2's weights in the Hugging Face layout, and one call that gives a ready model
+with its tokenizer:
 
     from checkpoint import load_model
     model, tok, ckpt = load_model('out-shakespeare-char-cpu', device='cpu')   # a run's folder
     model, tok, ckpt = load_model('gpt2-xl', device='cuda')                   # OpenAI's GPT-2 (ckpt is None)
 
-train.py, sample.py, bench.py and export_hf.py use it; model.py knows nothing of files.
+train.py, sample.py, chat.py, eval.py and export_hf.py use it; model.py knows nothing of files;
+devices.py says where a model runs.
 A checkpoint is one torch.save dict with nanoGPT's keys (model, optimizer, model_args, iter_num,
 best_val_loss, config) and what exact resumption adds (scaler, rng_state, cuda_rng_state). It holds
 plain tensors and values only, so it loads with weights_only=True and loading never runs code.
 """
 
 import glob
-import importlib.util
-import inspect
 import json
 import os
-import re
 import shutil
 import socket
 import time
 import zipfile
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 
 try:
     import fcntl  # POSIX: Linux and macOS
 except ImportError:  # Windows: runs are not locked
     fcntl = None
 
-import numpy as np
 import torch
 
+from devices import human_bytes
 from model import GPT, GPTConfig
 from tokenizer import DATA_DIR, DataError, gpt2_tokenizer, load_meta, load_tokenizer
-
-# -----------------------------------------------------------------------------
-# device and precision
-
-
-def pick_device(device='auto'):
-    """'auto' is the best the machine has: CUDA, then Apple's MPS, then the CPU."""
-    if device == 'auto':
-        if torch.cuda.is_available():
-            return 'cuda'
-        if torch.backends.mps.is_available():
-            return 'mps'
-        return 'cpu'
-    kind = device.split(':')[0]
-    available = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available()}
-    if not available.get(kind, False):
-        have = ', '.join(k for k, ok in available.items() if ok)
-        raise ValueError(f"device '{device}' is not available on this machine; available: {have} (or 'auto')")
-    return device
-
-
-def cpu_has_bf16():
-    """Native bfloat16 matmuls on this CPU (AVX512-BF16 or AMX, as in recent Xeons and EPYCs)."""
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
-
-
-def use_device(device, local_rank=None, gpus=None):
-    """The device of this process, made current: under torchrun (local_rank given) GPU number local_rank of
-    its machine. torch.cuda.set_device for any CUDA device, so that what asks the 'current' GPU (the random
-    state, is_bf16_supported, pinned memory, NCCL) asks this one, not GPU 0. gpus: how many are visible
-    (None asks torch)."""
-    if not device.startswith('cuda'):
-        return device
-    gpus = torch.cuda.device_count() if gpus is None else gpus
-    index = local_rank if local_rank is not None else int(device.partition(':')[2] or 0)
-    if index >= gpus and local_rank is not None:  # rather than torch's 'invalid device ordinal' from deep inside
-        raise ValueError(f"process {local_rank} of this machine has no GPU: {gpus} visible (CUDA_VISIBLE_DEVICES); "
-                         f"start at most --nproc_per_node={gpus}")
-    if index >= gpus:
-        raise ValueError(f"device '{device}' does not exist: {gpus} GPU(s) visible, so cuda:0 to cuda:{gpus - 1}")
-    device = f'cuda:{index}'
-    torch.cuda.set_device(device)
-    return device
-
-
-def cuda_bf16_native(device):
-    """bfloat16 in the tensor cores (compute capability 8.0+: A100, RTX 30xx and later) on this CUDA device.
-    torch.cuda.is_bf16_supported() alone also says True where bf16 is only emulated (V100, T4, RTX 20xx:
-    slow, no tensor cores) unless including_emulation=False (PyTorch 2.3+); it asks about the current
-    device, which use_device has set."""
-    if 'including_emulation' in inspect.signature(torch.cuda.is_bf16_supported).parameters:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return torch.version.hip is not None or tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
-
-
-def pick_dtype(dtype, device):
-    """'auto': bfloat16 on GPUs that have it natively, float16 on older GPUs (with a GradScaler), bfloat16 on
-    CPUs with native bf16 (on a 2-core AVX512-BF16 EPYC, with flash=False: 1.5-1.8x float32's
-    training speed, same loss; bench.py --mode=train), else float32. After use_device."""
-    if dtype == 'auto':
-        if device.startswith('cuda'):
-            return 'bfloat16' if cuda_bf16_native(device) else 'float16'
-        return 'bfloat16' if device == 'cpu' and cpu_has_bf16() else 'float32'
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise ValueError(f"dtype '{dtype}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
-    return dtype
-
-
-def pick_compile(compile, device, capability=None, triton=None):
-    """torch.compile or not, as a bool. 'auto' compiles only where its default backend can work: inductor
-    writes Triton kernels for a GPU, so CUDA with Triton installed (PyTorch's Windows wheels come without it)
-    on compute capability 7.0+ (Triton refuses older GPUs: torch raises GPUTooOldForTriton). On a CPU
-    compile gains 1.01-1.06x after 7-50 s, so 'auto' leaves it off. capability, triton: None asks torch."""
-    choice = str(compile).lower()
-    if choice not in ('auto', 'true', 'false'):
-        raise ValueError(f"compile must be 'auto', True or False, not '{compile}'")
-    if choice != 'auto':
-        return choice == 'true'
-    if not device.startswith('cuda'):
-        return False
-    triton = importlib.util.find_spec('triton') is not None if triton is None else triton
-    capability = torch.cuda.get_device_capability(device) if capability is None else capability
-    return triton and tuple(capability) >= (7, 0)
-
-
-def pick_backend(device, nccl=None):
-    """torch.distributed's backend: NCCL between GPUs where PyTorch has it (not on Windows), else Gloo
-    (CPU processes, which is how the tests run this path, and GPUs on Windows). nccl: None asks torch."""
-    nccl = torch.distributed.is_nccl_available() if nccl is None else nccl
-    return 'nccl' if device.startswith('cuda') and nccl else 'gloo'
-
-
-def compile_checked(model, batch, ctx, device, log=print, backend='inductor'):
-    """torch.compile(model), tried on one forward and backward of batch (x, y), which is when compiling
-    happens: the compiled model, or, where that fails (a compiler or Triton missing, a GPU it does not
-    support), model itself after one line saying why. The random state is put back and the gradients
-    dropped, so the run is the one it would have been."""
-    compiled = torch.compile(model, backend=backend)
-    try:
-        with fork_rng(device), ctx:
-            _, loss = compiled(*batch)
-            loss.backward()
-    except Exception as e:
-        e = getattr(e, 'inner_exception', None) or e  # torch._dynamo's BackendCompilerFailed wraps the compiler's
-        first_line = (str(e).strip().splitlines() or [''])[0][:200]
-        log(f"torch.compile failed ({type(e).__name__}: {first_line}): training without it (--compile=False)")
-        torch._dynamo.reset()
-        compiled = model
-    for p in model.parameters():
-        p.grad = None
-    return compiled
-
-
-def fork_rng(device):
-    """A context that puts back the random state of the CPU and of device (CUDA or MPS) when it ends."""
-    kind = device.split(':')[0]
-    if kind in ('cuda', 'mps'):
-        return torch.random.fork_rng(devices=[device], device_type=kind)
-    return torch.random.fork_rng(devices=[])
-
-
-def step_seed(seed, iter_num, micro_step):
-    """The seed of the dropout masks of one global micro-step: like its batch (DESIGN.md, Determinism) a pure
-    function of (seed, iter_num, global micro-step index). So the processes of a run draw different masks
-    (one seed for all would correlate the noise across the global batch), 2 processes draw the masks 1
-    process does, and a resumed run draws the masks the uninterrupted one did, on every device type."""
-    return int(np.random.SeedSequence([seed, 3, iter_num, micro_step]).generate_state(1, np.uint64)[0])
-
-
-def without_fused(optimizer):
-    """optimizer rebuilt on its parameter groups without the fused kernel. FSDP's ShardedGradScaler.unscale_
-    makes a found_inf of shape (1,), which the fused AdamW step refuses ('output with shape [] doesn't match
-    the broadcast shape [1]', PyTorch issue 140514): train.py uses this under FSDP + float16."""
-    if not optimizer.defaults.get('fused'):
-        return optimizer
-    kind = type(optimizer)
-    settings = {k: v for k, v in optimizer.defaults.items() if k in inspect.signature(kind).parameters}
-    return kind([dict(g, fused=False) for g in optimizer.param_groups], **dict(settings, fused=False))
-
-
-def check_accumulation(steps, world):
-    """gradient_accumulation_steps counts the micro-batches of all processes together: each takes steps / world."""
-    if steps % world:
-        below, above = (steps // world) * world, (steps // world + 1) * world
-        nearest = f"{below} or {above}" if below else f"{above}"
-        raise ValueError(f"gradient_accumulation_steps {steps} is not divisible by the {world} processes: make it "
-                         f"a multiple of {world} (the nearest: {nearest}; batch_size x block_size x it = tokens per step)")
-
-
-def pick_flash(flash, device, dtype):
-    """The attention path: 'auto' is the written-out attention (False) under CPU bfloat16 autocast and the
-    fused kernel (True) everywhere else; True or False (or the strings 'True', 'False') force one.
-    Measured with torch 2.13 on 2 cores of an AVX512-BF16 EPYC, ms per training step of nanoGPT's CPU
-    command's shape (bench.py --mode=train --variants=fused,manual+fused,bf16+fused,bf16+manual+fused):
-    bf16 fused 31.5 ms a step in train.py against 19.9 ms written out (issue 14; bench.py: 1.6x), as
-    PyTorch's CPU bf16 fused-attention backward is 5x slower than in float32 (model.py); in float32 the
-    two paths run at the same speed, and on GPUs the fused kernel (FlashAttention) is the faster one."""
-    choice = {'auto': None, 'true': True, 'false': False}.get(str(flash).lower(), 'bad')
-    if choice == 'bad':
-        raise ValueError(f"flash must be 'auto', True or False, not '{flash}'")
-    if choice is None:
-        return not (device.split(':')[0] == 'cpu' and dtype == 'bfloat16')
-    return choice
-
-
-def autocast_context(device, dtype):
-    """Mixed precision: matmuls run in dtype, weights and the optimizer stay float32."""
-    if dtype == 'float32':
-        return nullcontext()
-    ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    return torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
-
-
-# Dense (not 2:4 sparse) bf16 tensor-core peaks from NVIDIA's datasheets, in FLOP/s; the first name that
-# appears as whole words in torch.cuda.get_device_name wins, so the longer names come first.
-PEAK_FLOPS = {
-    'B200': 2250e12,  # HGX B200 datasheet: 36 PFLOPS sparse FP16/BF16 for 8 GPUs
-    'H200 NVL': 835e12,  # H200 datasheet: 1,671 TFLOPS sparse
-    'H200': 989e12,  # H200 SXM (device name 'NVIDIA H200'): 1,979 TFLOPS sparse
-    'GH200': 989e12,  # GH200 Grace Hopper datasheet: 1,979 TFLOPS sparse (the H100/H200 GPU)
-    'H100 NVL': 835e12,  # H100 datasheet, NVL column: 1,671 TFLOPS sparse
-    'H100 PCIe': 756e12,  # H100 datasheet, PCIe column: 1,513 TFLOPS sparse
-    'H100': 989e12,  # SXM ('NVIDIA H100 80GB HBM3'): 1,979 TFLOPS sparse
-    'A100': 312e12,
-    'L40S': 362e12,  # L40S datasheet: 362.05 TFLOPS (733 sparse)
-    'A10G': 125e12,
-    'A10': 125e12,  # A10 datasheet: 125 TFLOPS (250 sparse)
-    'L4': 121e12,
-    'RTX 4090': 165e12,
-    'RTX 3090': 71e12,
-    'V100': 125e12,
-    'T4': 65e12,
-}
-
-
-def peak_flops_of(gpu_name):
-    """(FLOP/s, name) of the PEAK_FLOPS entry for a GPU's name, or None."""
-    for name, flops in PEAK_FLOPS.items():
-        if re.search(rf'\b{re.escape(name)}\b', gpu_name):  # whole words: 'L4' is not 'L40S'
-            return flops, f"{name} peak {flops / 1e12:.0f} TFLOPS"
-    return None
-
-
-def peak_flops(device):
-    """(FLOP/s, name) of the reference MFU is measured against; (None, why) for a device without a
-    figure here, the CPU included: an A100's peak (nanoGPT's habit) would say nothing about it."""
-    if not device.startswith('cuda'):
-        return None, f"no peak figure for '{device}'"
-    gpu = torch.cuda.get_device_name(device)
-    return peak_flops_of(gpu) or (None, f"no peak figure for the {gpu} in checkpoint.PEAK_FLOPS")
-
-
-def device_memory(device):
-    """Bytes this process may use on device, or None where unknown: on a GPU what is free plus what PyTorch
-    already holds; on the CPU the RAM Linux calls available (/proc/meminfo), elsewhere all of it (sysconf),
-    and at most what a limit on the address space (ulimit -v, RLIMIT_AS) leaves."""
-    kind = device.split(':')[0]
-    if kind == 'cuda':
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device)
-    if kind == 'mps':
-        return getattr(torch.mps, 'recommended_max_memory', lambda: None)()
-    ram = used = None
-    with suppress(OSError, StopIteration):
-        with open('/proc/meminfo') as f:
-            ram = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
-        with open('/proc/self/status') as f:
-            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmSize:'))
-    if ram is None:
-        with suppress(OSError, ValueError, AttributeError):
-            ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    with suppress(ImportError):
-        import resource
-        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if limit != resource.RLIM_INFINITY and used is not None:
-            ram = min(ram or limit, max(limit - used, 0))
-    return ram
-
-
-def human_bytes(n):
-    """1234567 -> '1.2 MB': sizes in messages."""
-    return next((f"{n / 10 ** p:,.1f} {unit}" for p, unit in ((9, 'GB'), (6, 'MB'), (3, 'kB')) if n >= 10 ** p),
-                f"{n:,} bytes")
-
-
-def memory_summary(need):
-    """GPT.estimate_memory's dict in words: '14.2 GB (weights 0.7 GB, ..., activations 12.1 GB)'."""
-    parts = ', '.join(f"{'AdamW' if k == 'optimizer' else k} {human_bytes(v)}" for k, v in need.items() if k != 'total')
-    return f"{human_bytes(need['total'])} ({parts})"
-
-
-def memory_fix(need, memory, batch_size, gradient_accumulation_steps, world=1, building=False):
-    """What makes a step fit in memory (bytes, None if unknown): where it can, a smaller micro-batch (the largest
-    the estimate fits, at most half the old) and more accumulation steps, the same tokens per step: the same recipe."""
-    fixed, sequences = need['total'] - need['activations'], batch_size * gradient_accumulation_steps
-    if building or batch_size == 1 or (memory and fixed > memory):
-        return "a smaller model (--n_layer, --n_embd), a shorter --block_size, or torchrun with --fsdp=True"
-    fits = int((memory - fixed) // (need['activations'] / batch_size)) if memory else batch_size // 2
-    b = next(b for b in range(max(1, min(fits, batch_size // 2)), 0, -1) if sequences % (b * world) == 0)
-    return f"--batch_size={b} --gradient_accumulation_steps={sequences // b} keeps the tokens per step"
-
-
-def is_out_of_memory(e):
-    """An allocation failed: CUDA's and MPS's OutOfMemoryError, Python's MemoryError, or the CPU allocator's
-    RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")."""
-    if isinstance(e, (MemoryError, getattr(torch, 'OutOfMemoryError', MemoryError))):
-        return True
-    message = str(e)
-    return isinstance(e, RuntimeError) and any(s in message for s in (
-        "can't allocate memory", 'DefaultCPUAllocator', 'out of memory'))
-
 
 # -----------------------------------------------------------------------------
 # checkpoints of train.py (and nanoGPT)

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from checkpoint import autocast_context, load_model, pick_device, pick_dtype
+from checkpoint import load_model
+from devices import autocast_context, pick_device, pick_dtype
 from scoring import (HELLASWAG_ITEMS, bits_per_byte, hellaswag_counts, hellaswag_file, read_hellaswag,
                      render_hellaswag, score_sums)
 from tokenizer import DATA_DIR, DataError, find_files, load_meta

@@ -9,7 +9,7 @@ References:
 The model and nothing else: GPTConfig, the layers (with both the fused and the written-out masked
 attention), and GPT (initialisation, forward, generate, optimizer groups, FLOPs). It imports no other
 file of this project and importing it only defines things. Files (checkpoints, GPT-2's Hugging Face
-weights), devices and precision are checkpoint.py's; tokenizers are tokenizer.py's.
+weights) are checkpoint.py's, devices and precision devices.py's, tokenizers tokenizer.py's.
 """
 
 import math
@@ -429,7 +429,7 @@ class GPT(nn.Module):
         return 6 * N + 12 * L * H * Q * T
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
-        """Model FLOPs utilisation: FLOPs/s achieved over the device's peak (checkpoint.peak_flops gives it)."""
+        """Model FLOPs utilisation: FLOPs/s achieved over the device's peak (devices.peak_flops gives it)."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     def estimate_memory(self, batch_size, dtype='float32'):

@@ -17,7 +17,8 @@ import os
 import torch
 
 import configurator
-from checkpoint import autocast_context, load_model, pick_device, pick_dtype, use_device
+from checkpoint import load_model
+from devices import autocast_context, pick_device, pick_dtype, use_device
 from configurator import fail
 from tokenizer import DataError
 

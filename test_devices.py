@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint as C
+import devices as D
 from model import GPT, GPTConfig
 from test_resume import assert_same_weights, torchrun, weights
 from test_scripts import ROOT, TINY, assert_one_line_error, logged, repo, run  # noqa: F401 (repo is a fixture)
@@ -40,32 +41,32 @@ def stub_gpu(monkeypatch, capability, new_torch=True):
 def test_dtype_auto_is_bf16_only_where_native(monkeypatch, capability, want, new_torch):
     """V100 (7.0) and T4 (7.5) emulate bf16: float16 with a GradScaler; A100 (8.0), H100 (9.0): bfloat16."""
     stub_gpu(monkeypatch, capability, new_torch)
-    assert C.pick_dtype('auto', 'cuda:0') == want
-    assert C.pick_dtype('float32', 'cuda:0') == 'float32'
+    assert D.pick_dtype('auto', 'cuda:0') == want
+    assert D.pick_dtype('float32', 'cuda:0') == 'float32'
 
 
 def test_compile_and_backend_choices():
     # compile='auto': CUDA with Triton on Volta or newer only
-    assert C.pick_compile('auto', 'cuda:0', capability=(8, 0), triton=True) is True
-    assert C.pick_compile('auto', 'cuda:0', capability=(7, 0), triton=True) is True
-    assert C.pick_compile('auto', 'cuda:0', capability=(6, 1), triton=True) is False  # Pascal: GPUTooOldForTriton
-    assert C.pick_compile('auto', 'cuda:0', capability=(8, 9), triton=False) is False  # Windows: no Triton
-    assert C.pick_compile('auto', 'cpu') is False and C.pick_compile('auto', 'mps') is False
-    assert C.pick_compile(True, 'cpu') is True and C.pick_compile('False', 'cuda', (9, 0), True) is False
+    assert D.pick_compile('auto', 'cuda:0', capability=(8, 0), triton=True) is True
+    assert D.pick_compile('auto', 'cuda:0', capability=(7, 0), triton=True) is True
+    assert D.pick_compile('auto', 'cuda:0', capability=(6, 1), triton=True) is False  # Pascal: GPUTooOldForTriton
+    assert D.pick_compile('auto', 'cuda:0', capability=(8, 9), triton=False) is False  # Windows: no Triton
+    assert D.pick_compile('auto', 'cpu') is False and D.pick_compile('auto', 'mps') is False
+    assert D.pick_compile(True, 'cpu') is True and D.pick_compile('False', 'cuda', (9, 0), True) is False
     with pytest.raises(ValueError, match="compile must be 'auto', True or False"):
-        C.pick_compile('maybe', 'cpu')
+        D.pick_compile('maybe', 'cpu')
     # NCCL only where this PyTorch has it (Windows has not)
-    assert C.pick_backend('cuda:3', nccl=True) == 'nccl'
-    assert C.pick_backend('cuda:3', nccl=False) == 'gloo'
-    assert C.pick_backend('cpu', nccl=True) == 'gloo'
+    assert D.pick_backend('cuda:3', nccl=True) == 'nccl'
+    assert D.pick_backend('cuda:3', nccl=False) == 'gloo'
+    assert D.pick_backend('cpu', nccl=True) == 'gloo'
 
 
 def test_more_processes_than_gpus_is_one_line():
     with pytest.raises(ValueError, match=r"process 2 of this machine has no GPU: 2 visible .*--nproc_per_node=2"):
-        C.use_device('cuda', local_rank=2, gpus=2)
+        D.use_device('cuda', local_rank=2, gpus=2)
     with pytest.raises(ValueError, match=r"device 'cuda:1' does not exist: 1 GPU"):
-        C.use_device('cuda:1', gpus=1)
-    assert C.use_device('cpu', local_rank=5, gpus=0) == 'cpu'
+        D.use_device('cuda:1', gpus=1)
+    assert D.use_device('cpu', local_rank=5, gpus=0) == 'cpu'
 
 
 @pytest.mark.parametrize('name, tflops', [
@@ -74,9 +75,9 @@ def test_more_processes_than_gpus_is_one_line():
     ('NVIDIA A10', 125), ('NVIDIA A10G', 125), ('NVIDIA L4', 121), ('NVIDIA A100-SXM4-80GB', 312),
     ('Tesla V100-SXM2-16GB', 125), ('Tesla T4', 65)])
 def test_peak_flops_by_name(name, tflops):
-    flops, label = C.peak_flops_of(name)
+    flops, label = D.peak_flops_of(name)
     assert flops == tflops * 1e12, label
-    assert C.peak_flops_of('NVIDIA GeForce GTX 1080') is None
+    assert D.peak_flops_of('NVIDIA GeForce GTX 1080') is None
 
 
 # -----------------------------------------------------------------------------
@@ -92,12 +93,12 @@ def test_a_failing_compile_falls_back_to_eager():
 
     lines = []
     state = torch.get_rng_state()
-    assert C.compile_checked(model, batch, C.autocast_context('cpu', 'float32'), 'cpu', lines.append,
+    assert D.compile_checked(model, batch, D.autocast_context('cpu', 'float32'), 'cpu', lines.append,
                              backend=broken) is model
     assert len(lines) == 1 and 'GPUTooOldForTriton' in lines[0] and 'without it' in lines[0], lines
     assert torch.equal(torch.get_rng_state(), state)  # the trial's dropout left no trace
     assert all(p.grad is None for p in model.parameters())
-    works = C.compile_checked(model, batch, C.autocast_context('cpu', 'float32'), 'cpu', lines.append,
+    works = D.compile_checked(model, batch, D.autocast_context('cpu', 'float32'), 'cpu', lines.append,
                               backend='eager')
     assert works is not model and len(lines) == 1
     model.eval()  # no dropout: the compiled model computes the same loss
@@ -135,9 +136,9 @@ def test_readme_torchrun_commands_pass_the_setting_checks():
             with open(os.path.join(ROOT, path), encoding='utf-8') as f:
                 exec(compile(f.read(), path, 'exec'), scope)
         steps = int(flags.get('gradient_accumulation_steps', scope.get('gradient_accumulation_steps', default)))
-        C.check_accumulation(steps, processes)  # raises if train.py would refuse it
+        D.check_accumulation(steps, processes)  # raises if train.py would refuse it
     with pytest.raises(ValueError, match=r"40 is not divisible by the 16 processes: .*\(the nearest: 32 or 48;"):
-        C.check_accumulation(40, 16)  # nanoGPT's value: the message says what would do
+        D.check_accumulation(40, 16)  # nanoGPT's value: the message says what would do
 
 
 def test_fsdp_float16_with_grad_clip_trains_and_resumes(repo):
@@ -156,7 +157,7 @@ def test_fsdp_float16_with_grad_clip_trains_and_resumes(repo):
 def test_dropout_masks_differ_across_ranks_and_2_processes_equal_1(repo):
     """Each global micro-step has its own dropout seed: rank 1's masks are not rank 0's, and 2 processes
     draw what 1 process draws for the same micro-steps, so with dropout they still train the same model."""
-    seeds = {C.step_seed(1337, it, m) for it in range(3) for m in range(4)}
+    seeds = {D.step_seed(1337, it, m) for it in range(3) for m in range(4)}
     assert len(seeds) == 12
     args = [*TINY, '--dropout=0.3', '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
             '--learning_rate=1e-3', '--plot=False']

@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from checkpoint import (CheckpointError, RunLock, autocast_context, check_accumulation, compile_checked, device_memory,
-                        fork_rng, from_pretrained, grow_for_chat, human_bytes, is_out_of_memory, load_checkpoint,
-                        memory_fix, memory_summary, peak_flops, pick_backend, pick_compile, pick_device, pick_dtype,
-                        pick_flash, save_checkpoint, split_model_args, step_seed, use_device, without_fused)
+from checkpoint import (CheckpointError, RunLock, from_pretrained, grow_for_chat, load_checkpoint, save_checkpoint,
+                        split_model_args)
+from devices import (autocast_context, check_accumulation, compile_checked, device_memory, fork_rng, human_bytes,
+                     is_out_of_memory, memory_fix, memory_summary, peak_flops, pick_backend, pick_compile, pick_device,
+                     pick_dtype, pick_flash, step_seed, use_device, without_fused)
 from model import GPT, GPTConfig
 from plot import RunLog
 from scoring import bits_per_byte, hellaswag_counts, hellaswag_file, read_hellaswag, render_hellaswag, score_sums
@@ -68,7 +69,7 @@ n_head = 12  # attention heads
 n_embd = 768  # embedding width
 dropout = 0.0  # 0.0 for pretraining, 0.1+ for finetuning
 bias = True  # biases in Linear and LayerNorm layers
-flash = 'auto'  # True: fused attention; False: the manual masked attention, to step through; 'auto': the faster (checkpoint.pick_flash)
+flash = 'auto'  # True: fused attention; False: the manual masked attention, to step through; 'auto': the faster (devices.pick_flash)
 rope = False  # rotary position embeddings (RoFormer) instead of learned ones (model.py cites each paper)
 rmsnorm = False  # RMSNorm instead of LayerNorm
 swiglu = False  # SwiGLU MLP instead of GELU, about the same parameter count
