@@ -96,7 +96,9 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     mmap: the file is mapped, not read (torch.load(mmap=True)): a tensor takes memory once it is used,
     so what is dropped never does; the model is made on the 'meta' device and takes the file's tensors
     (assign=True) instead of copies, then moves to device. On the CPU its weights are then the file's pages
-    (copy-on-write: training changes memory, never the file), which train.py avoids (mmap=False)."""
+    (copy-on-write: training changes memory, never the file), which train.py avoids (mmap=False). So never
+    torch.save over a file still mapped (truncating it kills the process with SIGBUS): save_checkpoint writes a
+    new file and renames it, which leaves the mapped one whole."""
     mmap = mmap and zipfile.is_zipfile(path)  # torch.save's format since PyTorch 1.6; older files are read whole
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)

@@ -219,7 +219,7 @@ def test_missing_hub_client_gets_one_line(repo, tmp_path, monkeypatch):
 
 def liven_checkpoint(path):
     """Give a checkpoint lively weights (see lively_), so that comparisons of logits are sharp."""
-    model, checkpoint = load_checkpoint(path, 'cpu')
+    model, checkpoint = load_checkpoint(path, 'cpu', mmap=False)  # read whole: the file is written over below
     lively_(model.parameters(), seed=3, std=0.5)
     checkpoint['model'] = model.state_dict()
     torch.save(checkpoint, path)
