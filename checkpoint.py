@@ -120,6 +120,66 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     return model, checkpoint  # without 'model': its tensors are the model's now
 
 
+# a resumed run keeps these (a model from GPT-2's weights has GPT-2's shape, whatever the settings say)
+RESUME_SHAPE = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'rope', 'rmsnorm', 'swiglu', 'n_kv_head', 'qk_norm')
+
+
+def check_resume(checkpoint, model, settings, vocab_sizes, config):
+    """The settings a resumed run may change, as lines to say ('max_iters: 12 in the checkpoint, now 24'); a
+    ValueError for one it may not: the vocabulary (vocab_sizes: those the data allows) and, unless the weights
+    came from GPT-2, the shape (RESUME_SHAPE; model holds the checkpoint's, settings today's)."""
+    saved = checkpoint['model_args']
+    if saved['vocab_size'] not in vocab_sizes:
+        raise ValueError(f"the checkpoint has vocab_size = {saved['vocab_size']}, the settings say vocab_size = "
+                         f"{vocab_sizes[0]}: resume on the dataset it was trained on "
+                         f"(--dataset={checkpoint['config'].get('dataset')})")
+    if checkpoint['config'].get('init_from', 'scratch') in ('scratch', 'resume'):
+        for k in RESUME_SHAPE:
+            have = getattr(model.config, k)  # saved[k], or the default for a checkpoint older than the key
+            if have != settings[k]:
+                raise ValueError(f"the checkpoint has {k} = {have}, the settings say {k} = {settings[k]}: "
+                                 f"give the settings it was trained with (the same config file)")
+    fixed = set(settings) | {'init_from', 'device', 'dtype'}
+    return [f"{k}: {v} in the checkpoint, now {config[k]}" for k, v in checkpoint['config'].items()
+            if k in config and k not in fixed and v != config[k]]
+
+
+def rekey(optim_sd, key):
+    """optim_sd with each parameter k renamed key[k]: a checkpoint numbers them as torch.optim does, FSDP names them."""
+    return dict(state={key[k]: s for k, s in optim_sd['state'].items()},
+                param_groups=[dict(g, params=[key[k] for k in g['params']]) for g in optim_sd['param_groups']])
+
+
+def full_state(model, optimizer, sharded):
+    """(model's state, optimizer's state) as whole tensors, the optimizer's numbered as torch.optim numbers them,
+    so that any run reads them (one process, DDP, FSDP, nanoGPT). sharded (FSDP2): every process calls it, the
+    shards are gathered to the master's CPU (cpu_offload), and the others get empty dicts."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.get_rank() != 0:  # only the master has them
+        return model_sd, optim_sd
+    name_to_number = {n: i for i, n in enumerate(n for g in optim_sd['param_groups'] for n in g['params'])}
+    return model_sd, rekey(optim_sd, name_to_number)
+
+
+def restore_optimizer(model, optimizer, optim_sd, sharded):
+    """A checkpoint's optimizer state (numbered, as full_state writes it) into optimizer, whose settings stay
+    today's: the learning rate, the betas, the fused kernel (this machine's choice)."""
+    today = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
+    if sharded:  # FSDP names the parameters: each process takes its shard of the full state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        names = {p: n for n, p in model.named_parameters()}
+        number_to_name = [names[p] for g in optimizer.param_groups for p in g['params']]
+        set_optimizer_state_dict(model, optimizer, rekey(optim_sd, number_to_name),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(optim_sd)
+    for group, settings in zip(optimizer.param_groups, today):
+        group.update(settings)
+
+
 class RunLock:
     """out_dir/train.lock, held by one train.py while it runs, so that a second one on the same folder refuses
     instead of writing last.pt and log.jsonl over the first's. The lock is the kernel's (flock): a process that

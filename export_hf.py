@@ -178,12 +178,12 @@ def export():
             write_json(os.path.join(tmp, 'tokenizer_config.json'), dict(tokenizer_class='PreTrainedTokenizerFast',
                        model_max_length=config.block_size, eos_token=None if eot is None else tok.tok.id_to_token(eot)))
             written = f"data/{dataset}'s tokenizer.json"
-        if tok.special and tokenizer != 'char':
-            add_chat_template(tmp, tok, tk)
-            written += ", the chat template's markers and chat_template"
         else:
             written = (f"no tokenizer: a character vocabulary has no Hugging Face form; token i is character i of "
                        f"data/{dataset}/meta.json's \"chars\"")
+        if tok.special and tokenizer != 'char':
+            add_chat_template(tmp, tok, tk)
+            written += ", the chat template's markers and chat_template"
         if os.path.exists(hf_dir):  # an earlier export (checked above), or an empty folder: moved aside, then gone
             os.replace(hf_dir, tmp + '.old')
         os.replace(tmp, hf_dir)

@@ -329,7 +329,8 @@ def test_train_resume_and_sample_a_modern_model(repo):  # noqa: F811 (repo is th
     val = [float(v) for v in re.findall(r'val loss ([0-9.]+)', p.stdout)]
     assert len(val) == 3 and val[-1] < val[0] - 0.3, p.stdout  # steps 0, 10, 20: it learns
     ckpt = torch.load(repo / out.split('=')[1] / 'ckpt.pt', weights_only=True)
-    assert {k: ckpt['model_args'][k] for k in MODERN} == dict(MODERN, n_kv_head=1)
+    args = {**ckpt['model_args'], **ckpt['arch']}  # nanoGPT's keys, and ours beside them (checkpoint.py)
+    assert {k: args[k] for k in MODERN} == dict(MODERN, n_kv_head=1)
     assert 'transformer.wpe.weight' not in ckpt['model'] and 'transformer.h.0.attn.q_norm.weight' in ckpt['model']
 
     run(repo, 'train.py', *common, '--max_iters=22', '--init_from=resume')

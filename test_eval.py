@@ -274,7 +274,7 @@ def test_train_logs_hellaswag(repo, hf_folder):
 def test_train_logs_and_plots_bpb(repo, char_model):
     """Shakespeare's characters are all ASCII: the val bpb train.py prints and logs is val loss / ln 2; the
     plot gains a panel for it. MIXED's characters are 1.7 bytes on average (1, 3 and 4): bpb is lower."""
-    p = run(repo, 'train.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out-bpb')
+    p = run(repo, 'train.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out-bpb', '--plot=True')
     printed = [float(v) for v in re.findall(r"val bpb ([0-9.]+)", p.stdout)]
     records = [r for r in map(json.loads, (repo / 'out-bpb' / 'log.jsonl').read_text().splitlines()) if 'val_loss' in r]
     assert len(printed) == len(records) == 2

@@ -377,7 +377,7 @@ def test_finetune_from_a_folder_resume_and_export(repo, tmp_path):
             '--eval_interval=4', '--out_dir=out-ft']
     run(repo, 'train.py', *args, f'--init_from={tmp_path / "hf"}', '--max_iters=4')
     ckpt = torch.load(repo / 'out-ft' / 'last.pt', weights_only=True)
-    assert ckpt['model_args']['vocab_size'] == 50257 and ckpt['model_args']['gelu'] == 'tanh'
+    assert ckpt['model_args']['vocab_size'] == 50257 and ckpt['arch']['gelu'] == 'tanh'  # (arch: checkpoint.py)
     assert ckpt['model_args']['block_size'] == 32  # cropped from 64 to the setting
     p = run(repo, 'train.py', *args, '--init_from=resume', '--max_iters=6')
     assert 'iter 5:' in p.stdout

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import configurator
 from checkpoint import GPT2_SIZES
 from model import GPT, GPTConfig
 from test_configurator import settings_scope
-from test_scripts import ROOT, repo, run  # noqa: F401 (repo is a fixture)
+from test_scripts import ROOT, TINY, repo, run  # noqa: F401 (repo is a fixture)
 
 RECIPES = sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py'))
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'flash', 'rope', 'rmsnorm', 'swiglu',
@@ -37,7 +38,9 @@ def test_recipe_builds_a_gpt_config(name):
     assert c['dataset'] and c['out_dir'] == 'out-' + c['out_dir'][4:] and c['out_dir'] != 'out-'
     if c['init_from'] == 'scratch':  # the size it trains at; GPTConfig refuses what does not fit together
         vocab = 65 if c['dataset'] == 'shakespeare_char' else 50304
-        GPTConfig(**{k: c[k] for k in MODEL_KEYS}, vocab_size=vocab)
+        GPTConfig(**{k: c[k] for k in MODEL_KEYS if k != 'flash'}, vocab_size=vocab)
+    elif c['init_from'].endswith('.pt'):  # another run's checkpoint: the quickstart's model, finetuned
+        assert c['init_from'] == recipe('train_shakespeare_char_cpu.py')['out_dir'] + '/ckpt.pt'
     else:  # GPT-2's weights, of one of the four sizes
         n_layer, n_head, n_embd = GPT2_SIZES[c['init_from']]
         GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257)
@@ -67,7 +70,13 @@ def gpt2_data(repo, tmp_path_factory):  # noqa: F811
     run(repo, 'prepare.py', 'shakespeare')
     folder = str(tmp_path_factory.mktemp('hf') / 'gpt2')
     tiny_hf_folder(folder)
-    return folder
+    # the chat recipes' data: the committed conversations, with the base's characters and with GPT-2's BPE
+    shutil.copytree(os.path.join(ROOT, 'data', 'letters_chat'), repo / 'data' / 'letters_chat', dirs_exist_ok=True)
+    run(repo, 'prepare.py', 'letters_chat')
+    chats = str(repo / 'data' / 'letters_chat' / 'conversations.jsonl')
+    run(repo, 'prepare.py', 'letters_chat_gpt2', f'--input={chats}', '--tokenizer=gpt2')
+    run(repo, 'train.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out-base')  # a base to finetune
+    return dict(gpt2=folder, base=str(repo / 'out-base' / 'ckpt.pt'))
 
 
 @pytest.mark.parametrize('name', RUN)
@@ -80,12 +89,18 @@ def test_recipe_trains_two_iterations(repo, gpt2_data, name):  # noqa: F811
         eval_iters=2,  # not hundreds of batches per evaluation
         plot=False,  # matplotlib costs a second a run; test_plot.py draws
     )
-    if c['dataset'] not in ('shakespeare_char', 'shakespeare'):  # openwebtext, tinystories: GPT-2 BPE as theirs
+    if c['eval_hellaswag']:  # its file is downloaded (no network here); test_eval.py scores it during training
+        overrides['eval_hellaswag'] = 0
+    if c['init_from'].endswith('.pt'):  # a base checkpoint: a tiny one, trained on the base's data, in its place
+        overrides.update(init_from=gpt2_data['base'], block_size=16, batch_size=1)
+    elif c['dataset'] not in ('shakespeare_char', 'shakespeare', 'letters_chat'):  # GPT-2 BPE, as theirs
         overrides['dataset'] = 'shakespeare'
     if c['init_from'] == 'scratch':  # GPU sizes made tiny: the same heads and key/value heads, 4 wide each
         overrides.update(n_embd=4 * c['n_head'], block_size=16, batch_size=1)
-    else:  # GPT-2's weights without the download: its layout and vocabulary, 1 x 2 x 16 (block 64)
-        overrides['init_from'] = gpt2_data
+    elif 'init_from' not in overrides:  # GPT-2's weights without the download: its layout and vocabulary, 1 x 2 x 16
+        overrides['init_from'] = gpt2_data['gpt2']
+    if c['dataset'] in ('alpaca', 'alpaca_zh'):  # the hub's conversations: letters_chat's, in GPT-2's BPE
+        overrides['dataset'] = 'letters_chat_gpt2'
     p = run(repo, 'train.py', f'config/{name}', *(f'--{k}={v}' for k, v in overrides.items()))
     val = [float(v) for v in re.findall(r'val loss ([0-9.]+)', p.stdout)]
     assert val and all(math.isfinite(v) for v in val), p.stdout
@@ -96,7 +111,7 @@ def test_recipe_trains_two_iterations(repo, gpt2_data, name):  # noqa: F811
     ckpt = torch.load(repo / c['out_dir'] / 'last.pt', weights_only=True)
     assert ckpt['iter_num'] == 2
     # train.py stores what 'auto' or the model chose; finetune_shakespeare.py names its run by the clock
-    resolved = ('device', 'dtype', 'compile', 'block_size', 'wandb_run_name')
+    resolved = ('device', 'dtype', 'compile', 'flash', 'block_size', 'wandb_run_name')
     saved = ckpt['config']
     mismatched = {k: (saved[k], v) for k, v in c.items() if k not in overrides and k not in resolved and saved[k] != v}
     assert not mismatched  # every other setting is the recipe's (or train.py's default that it keeps)

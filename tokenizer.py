@@ -332,14 +332,18 @@ def load_meta(data_dir):
 
 def check_bins(data_dir, meta, splits=('train', 'val')):
     """Each <split>.bin is there and holds exactly the tokens meta.json counts: a copy cut short (of any
-    size, odd or even) or a file from another preparation is a DataError naming it, not garbage batches."""
+    size, odd or even) or a file from another preparation is a DataError naming it, not garbage batches.
+    A chat dataset's <split>_mask.bin (a byte per token) and <split>_starts.bin (a uint64 per conversation) too."""
     name = os.path.basename(os.path.normpath(data_dir))
-    itemsize = np.dtype(meta['dtype']).itemsize
     for split in splits:
-        path = os.path.join(data_dir, f'{split}.bin')
-        if not os.path.isfile(path):
-            raise DataError(f"{path} is missing: remake it with {remake(name)}")
-        size, tokens = os.path.getsize(path), meta[f'{split}_tokens']
-        if size != tokens * itemsize:  # (nanoGPT's folders have no meta.json: there, only an odd size is caught)
-            raise DataError(f"{path} has {size:,} bytes, expected {tokens:,} {meta['dtype']} tokens = "
-                            f"{tokens * itemsize:,} bytes (a copy cut short?): remake it with {remake(name)}")
+        files = [(f'{split}.bin', meta[f'{split}_tokens'], meta['dtype'])]
+        if 'chat' in meta:
+            files += [(f'{split}_mask.bin', meta[f'{split}_tokens'], 'uint8'),
+                      (f'{split}_starts.bin', meta[f'{split}_conversations'], 'uint64')]
+        for file, count, dtype in files:
+            path, want = os.path.join(data_dir, file), count * np.dtype(dtype).itemsize
+            if not os.path.isfile(path):
+                raise DataError(f"{path} is missing: remake it with {remake(name)}")
+            if os.path.getsize(path) != want:  # (nanoGPT's folders have no meta.json: there, only an odd size is caught)
+                raise DataError(f"{path} has {os.path.getsize(path):,} bytes, expected {count:,} {dtype} = {want:,} "
+                                f"bytes (a copy cut short?): remake it with {remake(name)}")

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from checkpoint import (CheckpointError, RunLock, from_pretrained, grow_for_chat, load_checkpoint, save_checkpoint,
-                        split_model_args)
+from checkpoint import (CheckpointError, RunLock, check_resume, from_pretrained, full_state, grow_for_chat,
+                        load_checkpoint, restore_optimizer, save_checkpoint, split_model_args)
 from devices import (autocast_context, check_accumulation, compile_checked, device_memory, fork_rng, human_bytes,
                      is_out_of_memory, memory_fix, memory_summary, peak_flops, pick_backend, pick_compile, pick_device,
                      pick_dtype, pick_flash, step_seed, use_device, without_fused)
@@ -165,16 +165,12 @@ if lock is not None:
 # -----------------------------------------------------------------------------
 # data
 data_dir = os.path.join(DATA_DIR, dataset)
-try:  # meta.json whole, and each .bin as long as it says
+try:  # meta.json whole, and each .bin as long as it says (a chat dataset's masks and starts too)
     meta = load_meta(data_dir)
     check_bins(data_dir, meta)
 except DataError as e:
     fail(e)
 chat = 'chat' in meta  # conversations: a mask of the targets and the conversations' starts beside the ids
-for split in ('train', 'val'):
-    for f in [f'{split}_mask.bin', f'{split}_starts.bin'] * chat:  # check_bins has checked the .bin files
-        if not os.path.isfile(os.path.join(data_dir, f)):
-            fail(f"{data_dir}/{f} is missing: run 'python prepare.py {dataset}' again")
 try:
     tok = load_tokenizer(meta, data_dir)
     token_bytes = torch.tensor(tok.token_bytes(), device=device)  # UTF-8 bytes per id, for bits per byte
@@ -264,25 +260,14 @@ elif init_from == 'resume':
                                             mmap=ddp and fsdp or device_type != 'cpu')  # checkpoint.py
     except ValueError as e:
         fail(e)
-    saved = checkpoint['model_args']
-    if saved['vocab_size'] not in (vocab_size, meta['vocab_size']):  # padded, or GPT-2's own 50257
-        fail(f"the checkpoint has vocab_size = {saved['vocab_size']}, the settings say vocab_size = {vocab_size}: "
-             f"resume on the dataset it was trained on (--dataset={checkpoint['config'].get('dataset')})")
-    # a model that started from GPT-2's weights has GPT-2's shape, whatever the settings say
-    origin = checkpoint['config'].get('init_from', 'scratch')
-    pretrained = origin not in ('scratch', 'resume')
-    shape = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'rope', 'rmsnorm', 'swiglu', 'n_kv_head', 'qk_norm')
-    for k in () if pretrained else shape:
-        have = getattr(model.config, k)  # saved[k], or the default for a checkpoint older than the key
-        if have != model_args[k]:
-            fail(f"the checkpoint has {k} = {have}, the settings say {k} = {model_args[k]}: "
-                 f"give the settings it was trained with (the same config file)")
+    try:  # its shape and vocabulary stay; what may change is allowed, and said
+        changes = check_resume(checkpoint, model, model_args, (vocab_size, meta['vocab_size']), config)
+    except ValueError as e:
+        fail(e)
+    log(''.join(f"  {change}\n" for change in changes), end='')
     model_args = dataclasses.asdict(model.config)  # model_args and arch (checkpoint.py), with today's dropout, flash
-    if pretrained:
-        config['init_from'] = origin  # where the weights came from, kept through resumes
-    for k, v in checkpoint['config'].items():  # what may change is allowed, and said
-        if k in config and k not in model_args and k not in ('init_from', 'device', 'dtype') and v != config[k]:
-            log(f"  {k}: {v} in the checkpoint, now {config[k]}")
+    if checkpoint['config'].get('init_from', 'scratch') not in ('scratch', 'resume'):
+        config['init_from'] = checkpoint['config']['init_from']  # GPT-2's weights: where they came from, kept
     iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])  # nanoGPT saved a tensor
     # dropout continues as if never stopped (a CPU tensor, whatever map_location did)
     if 'rng_state' in checkpoint:
@@ -350,7 +335,6 @@ raw_model = model  # the plain module: its state_dict names have no '_orig_mod.'
 if ddp and fsdp:
     # FSDP2: each process keeps 1/world of every parameter; a Block's full weights are gathered just before
     # it runs and freed after, so the model, its gradients and AdamW's two moments need not fit on one device
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
     for block in raw_model.transformer.h:
@@ -380,25 +364,12 @@ scaler = GradScaler(device_type, enabled=(dtype == 'float16'))
 
 # -----------------------------------------------------------------------------
 # helpers of the training loop: checkpoints, evaluation, the schedule, signals
-def rekey(optim_sd, key):
-    """optim_sd with each parameter k renamed key[k]: a checkpoint numbers them as torch.optim does, FSDP names them."""
-    return dict(state={key[k]: s for k, s in optim_sd['state'].items()},
-                param_groups=[dict(g, params=[key[k] for k in g['params']]) for g in optim_sd['param_groups']])
-
-
 def save(names):
     """Write the run's state as plain tensors to out_dir/name for each of names (under FSDP every process calls it)."""
-    if ddp and fsdp:
-        model_sd, optim_sd = get_state_dict(raw_model, optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
+    model_sd, optim_sd = full_state(raw_model, optimizer, ddp and fsdp)  # FSDP: gathered on the master only
     global saved_at
     error, dt = None, 0.0
-    if master:  # FSDP gathered the shards to full tensors on the master only (cpu_offload)
-        if ddp and fsdp:  # by number, as torch.optim keys it, so that any run (DDP, FSDP, one process, nanoGPT's) reads it
-            name_to_number = {n: i for i, n in enumerate(n for g in optim_sd['param_groups'] for n in g['params'])}
-            optim_sd = rekey(optim_sd, name_to_number)
+    if master:
         args, arch = split_model_args(model_args)  # nanoGPT's GPTConfig keys, and ours (checkpoint.py)
         checkpoint = dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), model_args=args, arch=arch,
                           iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng_state=rng_state[0])
@@ -473,16 +444,8 @@ if checkpoint is not None:  # Adam's moments (and Muon's); its settings are toda
         log(f"optimizer {checkpoint['config'].get('optimizer', 'adamw')} in the checkpoint, now {config['optimizer']}: "
             f"its state starts afresh")
         optim_sd = {}
-    today = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]  # the kernel too
-    if optim_sd.get('state') and ddp and fsdp:
-        names = {p: n for n, p in raw_model.named_parameters()}
-        number_to_name = [names[p] for g in optimizer.param_groups for p in g['params']]
-        set_optimizer_state_dict(raw_model, optimizer, rekey(optim_sd, number_to_name),
-                                 options=StateDictOptions(full_state_dict=True))
-    elif optim_sd.get('state'):
-        optimizer.load_state_dict(optim_sd)
-    for group, settings in zip(optimizer.param_groups, today):
-        group.update(settings)
+    if optim_sd.get('state'):  # its settings (learning rate, betas, the fused kernel) stay today's
+        restore_optimizer(raw_model, optimizer, optim_sd, ddp and fsdp)
     if scaler.is_enabled() and checkpoint.get('scaler'):  # float16 on both runs: keep the loss scale it found
         scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = optim_sd = None  # free the memory the loaded tensors hold
