@@ -107,17 +107,19 @@ def test_memory_estimate_is_the_measured_peak(repo):
     run, not what the heap happens to keep (25-55% more here, varying from run to run)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='131072', OMP_NUM_THREADS='1')
 
+    # The peak comes from a small launcher's RUSAGE_CHILDREN: Linux carries a process's maxrss over fork and exec,
+    # so a train.py started straight from this (large) pytest process would report at least this one's size
+    launcher = ('import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); '
+                'print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)')
+
     def peak_and_estimate(batch_size):
-        p = subprocess.Popen([sys.executable, 'train.py', '--dataset=shakespeare_char', '--n_layer=2', '--n_head=4',
-                              '--n_embd=128', '--block_size=256', f'--batch_size={batch_size}', '--device=cpu',
-                              '--dtype=float32', '--gradient_accumulation_steps=1', '--eval_iters=1', '--max_iters=1',
-                              '--eval_interval=100', '--plot=False', f'--out_dir=out-mem{batch_size}'],  # a plot's peak would hide a small batch's
-                             cwd=repo, stdout=subprocess.PIPE, text=True, env=env)
-        out = p.stdout.read()
-        _, status, usage = os.wait4(p.pid, 0)
-        assert status == 0, out
+        out = subprocess.run([sys.executable, '-c', launcher, sys.executable, 'train.py', '--dataset=shakespeare_char',
+                              '--n_layer=2', '--n_head=4', '--n_embd=128', '--block_size=256', f'--batch_size={batch_size}',
+                              '--device=cpu', '--dtype=float32', '--gradient_accumulation_steps=1', '--eval_iters=1',
+                              '--max_iters=1', '--eval_interval=100', '--plot=False', f'--out_dir=out-mem{batch_size}'],
+                             cwd=repo, capture_output=True, text=True, env=env, check=True).stdout
         estimate = float(re.search(r"memory a step needs, estimated: ([0-9.]+) MB", out).group(1)) * 1e6
-        return usage.ru_maxrss * 1024, estimate  # ru_maxrss is in kB on Linux
+        return int(out.split()[-1]) * 1024, estimate  # ru_maxrss is in kB on Linux
 
     (peak2, estimate2), (peak16, estimate16) = peak_and_estimate(2), peak_and_estimate(16)
     assert estimate16 - estimate2 == pytest.approx(peak16 - peak2, rel=0.3), (peak16 - peak2, estimate16 - estimate2)

@@ -336,14 +336,14 @@ def check_bins(data_dir, meta, splits=('train', 'val')):
     A chat dataset's <split>_mask.bin (a byte per token) and <split>_starts.bin (a uint64 per conversation) too."""
     name = os.path.basename(os.path.normpath(data_dir))
     for split in splits:
-        files = [(f'{split}.bin', meta[f'{split}_tokens'], meta['dtype'])]
+        files = [(f'{split}.bin', meta[f'{split}_tokens'], meta['dtype'], 'tokens')]
         if 'chat' in meta:
-            files += [(f'{split}_mask.bin', meta[f'{split}_tokens'], 'uint8'),
-                      (f'{split}_starts.bin', meta[f'{split}_conversations'], 'uint64')]
-        for file, count, dtype in files:
+            files += [(f'{split}_mask.bin', meta[f'{split}_tokens'], 'uint8', 'mask bytes'),
+                      (f'{split}_starts.bin', meta[f'{split}_conversations'], 'uint64', 'conversation starts')]
+        for file, count, dtype, what in files:
             path, want = os.path.join(data_dir, file), count * np.dtype(dtype).itemsize
             if not os.path.isfile(path):
                 raise DataError(f"{path} is missing: remake it with {remake(name)}")
             if os.path.getsize(path) != want:  # (nanoGPT's folders have no meta.json: there, only an odd size is caught)
-                raise DataError(f"{path} has {os.path.getsize(path):,} bytes, expected {count:,} {dtype} = {want:,} "
-                                f"bytes (a copy cut short?): remake it with {remake(name)}")
+                raise DataError(f"{path} has {os.path.getsize(path):,} bytes, expected {count:,} {dtype} {what} = "
+                                f"{want:,} bytes (a copy cut short?): remake it with {remake(name)}")
