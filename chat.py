@@ -17,6 +17,7 @@ import torch
 
 import configurator
 from checkpoint import load_model
+from model import check_generate_args
 from devices import autocast_context, pick_device, pick_dtype
 from model import KVCache
 from tokenizer import DataError
@@ -42,14 +43,9 @@ configurator.configure(globals())
 try:
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
+    check_generate_args(max_new_tokens, temperature, top_k)  # now, not after loading the model
 except ValueError as e:
     fail(e)
-if max_new_tokens <= 0:
-    fail(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-if temperature < 0:
-    fail(f"temperature must be >= 0 (0 is greedy), not {temperature}")
-if top_k < 0:
-    fail(f"top_k must be >= 0 (0 keeps every token), not {top_k}")
 generator = torch.Generator(device=device).manual_seed(seed)
 ctx = autocast_context(device, dtype)
 try:

@@ -371,13 +371,14 @@ def find_checkpoint(out_dir, ckpt_name='ckpt.pt'):
     return path
 
 
-def load_model(source, device='cpu', ckpt_name='ckpt.pt', **overrides):
+def load_model(source, device='cpu', ckpt_name='ckpt.pt', block_size=0, **overrides):
     """(model, tokenizer, checkpoint) from source, in eval mode on device:
     - a run's out_dir (train.py's or nanoGPT's): its ckpt_name, with the tokenizer of its dataset;
     - a checkpoint file (path/to/last.pt), likewise;
     - 'gpt2' ... 'gpt2-xl' or a Hugging Face folder (config.json): GPT-2's weights and BPE (checkpoint None).
-    overrides: dropout, flash (eval mode turns dropout off anyway). A ValueError or DataError says in one
-    line what is wrong; an ImportError names the pip install a Hugging Face folder or download needs."""
+    block_size: 0 keeps the model's context, a smaller one crops it (fewer positions: faster, and what a model
+    trained shorter saw). overrides: dropout, flash (eval mode turns dropout off anyway). A ValueError or
+    DataError says in one line what is wrong; an ImportError names the pip install a Hugging Face folder needs."""
     if source in GPT2_SIZES or os.path.isfile(os.path.join(source, 'config.json')):
         model = from_pretrained(source, overrides)
         tok = gpt2_tokenizer()
@@ -397,6 +398,11 @@ def load_model(source, device='cpu', ckpt_name='ckpt.pt', **overrides):
         if meta['vocab_size'] > model.config.vocab_size:
             raise DataError(f"data/{dataset} now has a vocabulary of {meta['vocab_size']:,}, but the model was "
                             f"trained on {model.config.vocab_size:,}: prepare the dataset again as it was for this model")
+    if block_size > model.config.block_size:
+        raise ValueError(f"block_size {block_size} is larger than the model's {model.config.block_size}: it has no "
+                         f"position embeddings beyond that; use at most {model.config.block_size} (0 keeps it)")
+    if 0 < block_size < model.config.block_size:
+        model.crop_block_size(block_size)
     model.to(device)
     model.eval()
     return model, tok, checkpoint

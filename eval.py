@@ -74,14 +74,9 @@ ctx = autocast_context(device, dtype)
 
 # the model, and the tokenizer of the data it was trained on (GPT-2's BPE for GPT-2's weights)
 try:
-    model, tok, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name)
+    model, tok, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name, block_size)
 except (ValueError, ImportError, DataError) as e:
     fail(e)
-if block_size > model.config.block_size:
-    fail(f"block_size {block_size} is larger than the model's {model.config.block_size}: use at most "
-         f"{model.config.block_size} (0 keeps it)")
-if 0 < block_size < model.config.block_size:
-    model.crop_block_size(block_size)
 block_size = model.config.block_size
 kind = tok.spec['type']
 tokenizer_name = {'gpt2': "GPT-2's BPE", 'char': f"characters ({tok.n_vocab})"}.get(

@@ -287,6 +287,16 @@ class Block(nn.Module):
         return x
 
 
+def check_generate_args(max_new_tokens, temperature, top_k):
+    """What generate() can do, as a ValueError naming the setting otherwise (sample.py and chat.py check first)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), not {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 keeps every token), not {top_k}")
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -472,8 +482,7 @@ class GPT(nn.Module):
         position's forward; False runs the whole context through forward at every step, the
         plain reference. Both give the same tokens (test_model.py checks their logits agree).
         Call model.eval() first, or dropout stays on."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {temperature}")
+        check_generate_args(max_new_tokens, temperature, top_k)
         block_size = self.config.block_size
         kv_cache = None
         for _ in range(max_new_tokens):

@@ -18,6 +18,7 @@ import torch
 
 import configurator
 from checkpoint import load_model
+from model import check_generate_args
 from devices import autocast_context, pick_device, pick_dtype, use_device
 from configurator import fail
 from tokenizer import DataError
@@ -44,14 +45,9 @@ configurator.configure(globals())
 try:
     device = use_device(pick_device(device))  # cuda:1 made current: its random state, its bf16 answer
     dtype = pick_dtype(dtype, device)
+    check_generate_args(max_new_tokens, temperature, top_k)  # now, not after loading the model
 except ValueError as e:
     fail(e)
-if max_new_tokens <= 0:
-    fail(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-if temperature < 0:
-    fail(f"temperature must be >= 0 (0 is greedy), not {temperature}")
-if top_k < 0:
-    fail(f"top_k must be >= 0 (0 keeps every token), not {top_k}")
 if num_samples < 1:
     fail(f"num_samples must be at least 1, not {num_samples}")
 torch.manual_seed(seed)
@@ -61,14 +57,10 @@ ctx = autocast_context(device, dtype)
 try:
     # the fused attention whatever the run trained with: its forward is the faster one, bfloat16 included (baby
     # GPT, a 256-token forward on the CPU: 93 against 112 ms written out); only its CPU bf16 backward is slow
-    model, tok, _ = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name, flash=True)
+    model, tok, _ = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name, block_size,
+                               flash=True)
 except (ValueError, ImportError, DataError) as e:
     fail(e)
-if block_size > model.config.block_size:
-    fail(f"block_size {block_size} is larger than the model's {model.config.block_size}: it has no position "
-         f"embeddings beyond that; use at most {model.config.block_size} (0 keeps it)")
-if 0 < block_size < model.config.block_size:
-    model.crop_block_size(block_size)  # fewer positions: faster, and what a model trained shorter saw
 
 # the prompt
 if start.startswith('FILE:'):
