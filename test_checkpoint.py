@@ -215,7 +215,8 @@ def test_each_module_imports_alone(name):
 # -----------------------------------------------------------------------------
 # the attention path train.py picks, and checkpoints nanoGPT reads
 
-NANOGPT = os.environ.get('NANOGPT', '/work/shared/anchors/nanoGPT')  # a checkout of karpathy/nanoGPT
+# a checkout of karpathy/nanoGPT: the shared/ folder beside this one holds it (DESIGN.md), or NANOGPT=PATH
+NANOGPT = os.environ.get('NANOGPT', os.path.join(ROOT, '..', 'shared', 'anchors', 'nanoGPT'))
 
 
 def test_pick_flash():
