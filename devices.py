@@ -12,10 +12,12 @@ Every choice is a function of explicit arguments (a GPU's answers can be passed 
 them on a machine without a GPU. train.py, sample.py, chat.py, eval.py and bench.py use it.
 """
 
+import atexit
 import importlib.util
 import inspect
 import os
 import re
+import sys
 from contextlib import nullcontext, suppress
 
 import numpy as np
@@ -106,6 +108,21 @@ def pick_backend(device, nccl=None):
     (CPU processes, which is how the tests run this path, and GPUs on Windows). nccl: None asks torch."""
     nccl = torch.distributed.is_nccl_available() if nccl is None else nccl
     return 'nccl' if device.startswith('cuda') and nccl else 'gloo'
+
+
+def end_processes():
+    """The last lines of a torchrun process, after its last collective: all processes leave together, the
+    process group is closed, atexit's handlers run, and the process ends at once (os._exit), without the
+    interpreter's teardown. In that teardown a thread of Gloo's that still holds a finished exchange's tensors
+    can need Python's lock as Python shuts down, and the process aborts with "terminate called without an
+    active exception": seen once in about a thousand torchrun runs of the test suite on 2 cores (the
+    mechanism is described in PyTorch pull request 179291)."""
+    torch.distributed.barrier()  # the master may still be writing a checkpoint while the others are done
+    torch.distributed.destroy_process_group()
+    atexit._run_exitfuncs()  # what a normal exit would run: the run's lock released, wandb's last upload
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def compile_checked(model, batch, ctx, device, log=print, backend='inductor'):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import configurator
 from checkpoint import load_model
-from devices import autocast_context, pick_device, pick_dtype
+from devices import autocast_context, end_processes, pick_backend, pick_device, pick_dtype
 from scoring import (HELLASWAG_ITEMS, bits_per_byte, hellaswag_counts, hellaswag_file, read_hellaswag,
                      render_hellaswag, score_sums)
 from tokenizer import DATA_DIR, DataError, find_files, load_meta
@@ -68,7 +68,7 @@ if ddp and device.startswith('cuda'):
     device = f'cuda:{local_rank}'
     torch.cuda.set_device(device)
 if ddp:
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    dist.init_process_group(backend=pick_backend(device))  # NCCL between GPUs, else Gloo (devices.py)
 torch.manual_seed(seed)
 ctx = autocast_context(device, dtype)
 
@@ -219,4 +219,4 @@ else:  # hellaswag
     log(f"hellaswag: acc {right / n:.4f} acc_norm {right_norm / n:.4f} ({int(n)} examples{where})")
 
 if ddp:
-    dist.destroy_process_group()
+    end_processes()  # together, and without a teardown that can abort (devices.py)

@@ -8,7 +8,6 @@ that learns a rule and answers held-out questions through chat.py, and the expor
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from test_resume import assert_same_weights, torchrun, weights
-from test_scripts import ROOT, TINY, assert_one_line_error, logged, run
+from test_scripts import ROOT, TINY, assert_one_line_error, copy_scripts, logged, run
 
 sys.path.insert(0, ROOT)
 from tokenizer import Tokenizer, chat_template, gpt2_tokenizer, load_meta, load_tokenizer  # noqa: E402
@@ -52,13 +51,7 @@ def write_jsonl(path, records):
 @pytest.fixture(scope='module')
 def repo(tmp_path_factory):
     """The scripts and data/gpt2.tiktoken in a temporary folder, with data/skill: 600 conversations, characters."""
-    dst = tmp_path_factory.mktemp('repo')
-    for name in os.listdir(ROOT):
-        if name.endswith('.py'):
-            shutil.copy(os.path.join(ROOT, name), dst)
-    shutil.copytree(os.path.join(ROOT, 'config'), dst / 'config')
-    (dst / 'data').mkdir()
-    shutil.copy(os.path.join(ROOT, 'data', 'gpt2.tiktoken'), dst / 'data')
+    dst = copy_scripts(tmp_path_factory.mktemp('repo'))
     run(dst, 'prepare.py', 'skill', f'--input={write_jsonl(dst / "skill.jsonl", skill(600, 1))}', '--tokenizer=char')
     return dst
 

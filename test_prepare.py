@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_scripts import ROOT, TINY, assert_one_line_error, run
+from test_scripts import ROOT, TINY, assert_one_line_error, copy_scripts, run
 
 sys.path.insert(0, ROOT)
 import prepare  # noqa: E402
@@ -33,15 +33,7 @@ tokenizers = pytest.importorskip('tokenizers', reason='pip install -r requiremen
 @pytest.fixture
 def repo(tmp_path):
     """A fresh copy of the repository's scripts and committed data (no prepared datasets)."""
-    dst = tmp_path / 'repo'
-    dst.mkdir()
-    for name in os.listdir(ROOT):
-        if name.endswith('.py'):
-            shutil.copy(os.path.join(ROOT, name), dst)
-    shutil.copytree(os.path.join(ROOT, 'config'), dst / 'config')
-    (dst / 'data').mkdir()
-    shutil.copy(os.path.join(ROOT, 'data', 'gpt2.tiktoken'), dst / 'data')
-    return dst
+    return copy_scripts(tmp_path / 'repo')
 
 
 def read(repo, name, leftovers_allowed=False):

@@ -44,16 +44,23 @@ def assert_one_line_error(p, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.fixture(scope='module')
-def repo(tmp_path_factory):
-    """A fresh copy of the repository's scripts and committed data, with shakespeare_char prepared."""
-    dst = tmp_path_factory.mktemp('repo')
+def copy_scripts(dst):
+    """The repository's scripts, config/ and data/gpt2.tiktoken copied into the folder dst (no dataset); dst."""
+    dst.mkdir(parents=True, exist_ok=True)
     for name in os.listdir(ROOT):
         if name.endswith('.py'):
             shutil.copy(os.path.join(ROOT, name), dst)
     shutil.copytree(os.path.join(ROOT, 'config'), dst / 'config')
-    os.makedirs(dst / 'data' / 'shakespeare_char')
+    (dst / 'data').mkdir()
     shutil.copy(os.path.join(ROOT, 'data', 'gpt2.tiktoken'), dst / 'data')
+    return dst
+
+
+@pytest.fixture(scope='module')
+def repo(tmp_path_factory):
+    """A fresh copy of the repository's scripts and committed data, with shakespeare_char prepared."""
+    dst = copy_scripts(tmp_path_factory.mktemp('repo'))
+    os.makedirs(dst / 'data' / 'shakespeare_char')
     shutil.copy(os.path.join(ROOT, 'data', 'shakespeare_char', 'input.txt'), dst / 'data' / 'shakespeare_char')
     run(dst, 'prepare.py', 'shakespeare_char')
     return dst

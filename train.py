@@ -29,9 +29,9 @@ import torch.distributed as dist
 import configurator
 from checkpoint import (CheckpointError, RunLock, check_resume, from_pretrained, full_state, grow_for_chat,
                         load_checkpoint, restore_optimizer, save_checkpoint, split_model_args)
-from devices import (autocast_context, check_accumulation, compile_checked, device_memory, fork_rng, human_bytes,
-                     is_out_of_memory, memory_fix, memory_summary, peak_flops, pick_backend, pick_compile, pick_device,
-                     pick_dtype, pick_flash, step_seed, use_device, without_fused)
+from devices import (autocast_context, check_accumulation, compile_checked, device_memory, end_processes, fork_rng,
+                     human_bytes, is_out_of_memory, memory_fix, memory_summary, peak_flops, pick_backend, pick_compile,
+                     pick_device, pick_dtype, pick_flash, step_seed, use_device, without_fused)
 from model import GPT, GPTConfig
 from plot import RunLog
 from scoring import bits_per_byte, hellaswag_counts, hellaswag_file, read_hellaswag, render_hellaswag, score_sums
@@ -570,5 +570,4 @@ while True:
     t0 = time.perf_counter()
 
 if ddp:
-    dist.barrier()  # leave together: the master may still be writing a checkpoint while the others are done
-    dist.destroy_process_group()
+    end_processes()  # together, and without a teardown that can abort (devices.py)
