@@ -10,12 +10,13 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+
+from test_forkserver import ScriptRunner
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,9 +28,12 @@ TINY = ['--dataset=shakespeare_char', '--n_layer=1', '--n_head=2', '--n_embd=16'
 SCHEDULE = ['--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=2', '--lr_decay_iters=5']
 
 
+RUNNER = ScriptRunner()  # python <script> in a process forked from one with torch imported (test_forkserver.py)
+
+
 def run(repo, script, *args, ok=True):
     """Run python <script> <args> in repo; return the CompletedProcess (asserting success if ok)."""
-    p = subprocess.run([sys.executable, script, *args], cwd=repo, capture_output=True, text=True, timeout=300)
+    p = RUNNER.run(repo, script, args, timeout=300)
     if ok:
         assert p.returncode == 0, f"{script} {args} failed:\n{p.stdout}\n{p.stderr}"
     return p

@@ -1,0 +1,177 @@
+"""
+How the tests run the scripts fast: python <script> <args> in a process forked from one that has
+already imported torch. Every train.py the tests start would otherwise spend ~2 of its ~3 s importing
+torch (~1 s) and torch._dynamo (~1 s more, which torch.optim imports when the first optimizer is
+built); the suite starts a few hundred of them.
+
+The server is this file run as a script (`python test_forkserver.py`), one per pytest worker: a fresh
+interpreter that imports torch, torch._dynamo and numpy, and no file of this project. For each request
+it forks; the child changes to the request's folder, takes its environment, points file descriptors
+0, 1 and 2 at the request's files, and runs the script as __main__ (runpy), as `python script.py`
+would: its own sys.argv, sys.path[0] its folder (so the copy of the project there is what imports),
+sys.excepthook for an uncaught exception, SystemExit's code, atexit's handlers and the interpreter's
+own exit. The child is a real process: its exit status, pid and signals are its own.
+
+What a fork cannot change, a real subprocess is for: ScriptRunner.run falls back to subprocess.run
+when the caller gives an environment of its own (variables torch reads when it is imported, such as
+OMP_NUM_THREADS or MALLOC_*, would not take effect). torchrun and the tests that signal a run
+use subprocess directly.
+"""
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+
+SERVER_ENV = 'NANOGPT_TEST_FORKSERVER'  # set in the server, so that a child knows it was forked
+
+
+def serve(requests, replies):
+    """The server's loop: one JSON request a line on the file descriptor requests; the child's pid, then its
+    exit status, a line each on replies. Ends at the end of requests (the pytest worker has exited)."""
+    import numpy  # noqa: F401  (what every script imports: paid once, here)
+    import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401  (what building an optimizer imports)
+    source = os.fdopen(requests, 'r', encoding='utf-8')
+    sink = os.fdopen(replies, 'w', encoding='utf-8', buffering=1)
+    for line in source:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            source.close()
+            sink.close()
+            run_child(**request)  # does not return
+        sink.write(f"{pid}\n")
+        _, status = os.waitpid(pid, 0)
+        sink.write(f"{os.waitstatus_to_exitcode(status)}\n")
+
+
+def run_child(script, args, cwd, env, stdin, stdout, stderr):
+    """In the forked child: become `python script *args` run in cwd with env, and exit as it would."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path, mode in ((0, stdin, os.O_RDONLY), (1, stdout, os.O_WRONLY), (2, stderr, os.O_WRONLY)):
+        f = os.open(path, mode)
+        os.dup2(f, fd)
+        os.close(f)
+    # new streams on the new descriptors, as Python makes them at start-up for pipes (UTF-8 here)
+    sys.stdin = open(0, 'r', encoding='utf-8', closefd=False)
+    sys.stdout = open(1, 'w', encoding='utf-8', closefd=False)
+    sys.stderr = open(2, 'w', encoding='utf-8', errors='backslashreplace', buffering=1, closefd=False)
+    sys.argv, path = [script, *args], os.path.abspath(script)
+    sys.path[0] = os.path.dirname(path)
+    import runpy
+    code = 0
+    try:
+        runpy.run_path(path, run_name='__main__')
+    except SystemExit as e:  # sys.exit(code), configurator.fail: Python's rules for the code
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException as e:  # what Python does with an uncaught exception: the script's excepthook, status 1
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != path:  # from the script's frame on, as Python
+            tb = tb.tb_next
+        e = e.with_traceback(tb or e.__traceback__)
+        sys.excepthook(type(e), e, e.__traceback__)
+        code = 1
+    sys.exit(code)  # the interpreter's own exit: atexit's handlers, files flushed and closed
+
+
+class ScriptRunner:
+    """runner.run(cwd, script, args) -> subprocess.CompletedProcess, like subprocess.run([sys.executable,
+    script, *args], cwd=cwd, capture_output=True, text=True): through the fork server where it can."""
+
+    def __init__(self):
+        self.server = None
+
+    def start(self):
+        to_server, self.requests = os.pipe()
+        self.replies, from_server = os.pipe()
+        env = dict(os.environ, **{SERVER_ENV: '1'})
+        self.server = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(to_server), str(from_server)],
+                                       pass_fds=(to_server, from_server), env=env, stdin=subprocess.DEVNULL)
+        os.close(to_server)
+        os.close(from_server)
+        self.reply_file = os.fdopen(self.replies, 'r', encoding='utf-8')
+
+    def read_reply(self, timeout):
+        if not select.select([self.reply_file], [], [], timeout)[0]:
+            return None
+        line = self.reply_file.readline()
+        if not line:
+            raise RuntimeError(f"the test fork server exited (status {self.server.poll()})")
+        return int(line)
+
+    def run(self, cwd, script, args, timeout=300, input=None, env=None):
+        argv = [sys.executable, script, *args]
+        if env is not None:  # an environment of its own: a fresh interpreter reads it at start-up
+            return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input,
+                                  env=env)
+        if self.server is None or self.server.poll() is not None:
+            self.start()
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {name: os.path.join(tmp, name) for name in ('stdin', 'stdout', 'stderr')}
+            with open(paths['stdin'], 'w', encoding='utf-8') as f:
+                f.write(input or '')
+            open(paths['stdout'], 'w').close()
+            open(paths['stderr'], 'w').close()
+            request = dict(script=script, args=list(args), cwd=str(cwd), env=dict(os.environ), **paths)
+            os.write(self.requests, (json.dumps(request) + '\n').encode())
+            pid = self.read_reply(30)
+            status = self.read_reply(timeout)
+            if status is None:  # as subprocess.run: kill it, then say so
+                os.kill(pid, signal.SIGKILL)
+                self.read_reply(None)
+                raise subprocess.TimeoutExpired(argv, timeout)
+            with open(paths['stdout'], encoding='utf-8') as out, open(paths['stderr'], encoding='utf-8') as err:
+                return subprocess.CompletedProcess(argv, status, out.read(), err.read())
+
+
+if __name__ == '__main__':
+    serve(int(sys.argv[1]), int(sys.argv[2]))
+
+
+PROBE = '''
+import atexit, os, sys
+import helper  # from the script's own folder
+atexit.register(lambda: print('atexit ran'))
+print('argv', sys.argv[1:], 'cwd', os.path.basename(os.getcwd()), 'helper', helper.WHERE, 'stdin', sys.stdin.read())
+print('to stderr: é', file=sys.stderr)
+how = sys.argv[1]
+if how == 'exit3':
+    sys.exit(3)
+if how == 'message':
+    sys.exit('stopped: a message')
+if how == 'raise':
+    raise ValueError('boom')
+if how == 'hook':
+    sys.excepthook = lambda kind, e, tb: print(f'hook saw {kind.__name__}', file=sys.stderr)
+    raise MemoryError
+if how == 'kill':
+    sys.stdout.flush()
+    os.kill(os.getpid(), 9)
+'''
+
+
+def test_a_forked_run_is_what_a_subprocess_gives(tmp_path):
+    """The same script through the fork server and through subprocess.run: the same exit status, stdout and
+    stderr, for a normal end, sys.exit with a code or a message, an uncaught exception (and the script's
+    own excepthook) and a death by signal; its argv, folder, stdin, local imports and atexit handlers."""
+    (tmp_path / 'probe.py').write_text(PROBE, encoding='utf-8')
+    (tmp_path / 'helper.py').write_text("WHERE = 'probe folder'\n", encoding='utf-8')
+    runner = ScriptRunner()
+    for how in ('ok', 'exit3', 'message', 'raise', 'hook', 'kill'):
+        forked = runner.run(tmp_path, 'probe.py', [how, 'x y'], input='piped in')
+        real = subprocess.run([sys.executable, 'probe.py', how, 'x y'], cwd=tmp_path, capture_output=True, text=True,
+                              input='piped in', timeout=60)
+        assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr), how
+    assert real.returncode == -9 and "helper probe folder stdin piped in" in real.stdout
+    assert runner.run(tmp_path, 'probe.py', ['exit3']).returncode == 3  # the server serves one run after another
