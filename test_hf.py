@@ -374,13 +374,13 @@ def test_finetune_from_a_folder_resume_and_export(repo, tmp_path):
     run(repo, 'prepare.py', 'shakespeare')
     args = ['--dataset=shakespeare', '--batch_size=4', '--block_size=32', '--gradient_accumulation_steps=1',
             '--eval_iters=2', '--device=cpu', '--dtype=float32', '--learning_rate=1e-3', '--warmup_iters=0',
-            '--eval_interval=4', '--out_dir=out-ft']
-    run(repo, 'train.py', *args, f'--init_from={tmp_path / "hf"}', '--max_iters=4')
+            '--eval_interval=2', '--plot=False', '--out_dir=out-ft']  # loss.png: test_eval.py draws it
+    run(repo, 'train.py', *args, f'--init_from={tmp_path / "hf"}', '--max_iters=2')
     ckpt = torch.load(repo / 'out-ft' / 'last.pt', weights_only=True)
     assert ckpt['model_args']['vocab_size'] == 50257 and ckpt['arch']['gelu'] == 'tanh'  # (arch: checkpoint.py)
     assert ckpt['model_args']['block_size'] == 32  # cropped from 64 to the setting
-    p = run(repo, 'train.py', *args, '--init_from=resume', '--max_iters=6')
-    assert 'iter 5:' in p.stdout
+    p = run(repo, 'train.py', *args, '--init_from=resume', '--max_iters=4')
+    assert 'iter 3:' in p.stdout
     run(repo, 'export_hf.py', '--out_dir=out-ft', f'--hf_dir={tmp_path / "back"}')
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / 'back').eval()
     ours, _ = load_checkpoint(str(repo / 'out-ft' / 'ckpt.pt'), 'cpu')

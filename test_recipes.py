@@ -51,16 +51,18 @@ def test_recipe_builds_a_gpt_config(name):
 
 def tiny_hf_folder(folder):
     """A random GPT-2 of GPT-2's vocabulary in the Hugging Face layout (config.json, pytorch_model.bin),
-    1 layer x 2 heads x 16, 64 positions: what init_from='gpt2' downloads, in small."""
+    1 layer x 2 heads x 16, 16 positions: what init_from='gpt2' downloads, in small. train.py crops a longer
+    block_size to the model's positions, so the recipes' 512 and 1024 train on rows of 16 (a quarter of the
+    time that 64 positions took, most of it in the 50,257-wide lm_head)."""
     torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50257))
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257))
     conv1d = ('c_attn.weight', 'c_proj.weight', 'c_fc.weight')  # stored (in, out) by transformers' Conv1D
     weights = {k: v.t().contiguous() if k.endswith(conv1d) else v
                for k, v in m.state_dict().items() if k != 'lm_head.weight'}
     os.makedirs(folder)
     torch.save(weights, os.path.join(folder, 'pytorch_model.bin'))
     with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump(dict(model_type='gpt2', n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257,
+        json.dump(dict(model_type='gpt2', n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50257,
                        activation_function='gelu_new'), f)
 
 
@@ -75,33 +77,50 @@ def gpt2_data(repo, tmp_path_factory):  # noqa: F811
     run(repo, 'prepare.py', 'letters_chat')
     chats = str(repo / 'data' / 'letters_chat' / 'conversations.jsonl')
     run(repo, 'prepare.py', 'letters_chat_gpt2', f'--input={chats}', '--tokenizer=gpt2')
-    run(repo, 'train.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out-base')  # a base to finetune
-    return dict(gpt2=folder, base=str(repo / 'out-base' / 'ckpt.pt'))
+    return dict(gpt2=folder)
+
+
+@pytest.fixture(scope='module')
+def trained(repo, gpt2_data):  # noqa: F811
+    """name -> (the recipe's settings, the test's overrides, train.py's CompletedProcess): each recipe run once,
+    so that finetune_chat_cpu.py finetunes what train_shakespeare_char_cpu.py trained, as the recipes mean."""
+    runs = {}
+
+    def train(name):
+        if name in runs:
+            return runs[name]
+        c = recipe(name)
+        overrides = dict(
+            device='cpu',  # the test machine's (a GPU recipe says 'auto')
+            dtype='float32',  # 'auto' is bfloat16 on a CPU with native bf16: 2x slower at these sizes
+            compile=False,  # torch.compile takes a minute on a CPU (train_gpt2.py sets True)
+            max_iters=2,  # 2 iterations; evaluations at 0 and 2
+            eval_iters=2,  # not hundreds of batches per evaluation
+            plot=False,  # matplotlib costs a second a run; test_plot.py draws
+        )
+        if c['eval_hellaswag']:  # its file is downloaded (no network here); test_eval.py scores it during training
+            overrides['eval_hellaswag'] = 0
+        if c['init_from'].endswith('.pt'):  # the base recipe's run (tiny, 2 iterations): its last.pt, as ckpt.pt is
+            base = train('train_shakespeare_char_cpu.py')[0]  # written only if 2 steps lowered the val loss
+            overrides.update(init_from=str(repo / base['out_dir'] / 'last.pt'), block_size=16, batch_size=1)
+        elif c['dataset'] not in ('shakespeare_char', 'shakespeare', 'letters_chat'):  # GPT-2 BPE, as theirs
+            overrides['dataset'] = 'shakespeare'
+        if c['init_from'] == 'scratch':  # GPU sizes made tiny: the same heads and key/value heads, 4 wide each
+            overrides.update(n_embd=4 * c['n_head'], block_size=16, batch_size=1)
+        elif 'init_from' not in overrides:  # GPT-2's weights without the download: its layout and vocabulary, 1 x 2 x 16
+            overrides['init_from'] = gpt2_data['gpt2']
+        if c['dataset'] in ('alpaca', 'alpaca_zh'):  # the hub's conversations: letters_chat's, in GPT-2's BPE
+            overrides['dataset'] = 'letters_chat_gpt2'
+        p = run(repo, 'train.py', f'config/{name}', *(f'--{k}={v}' for k, v in overrides.items()))
+        runs[name] = c, overrides, p
+        return runs[name]
+
+    return train
 
 
 @pytest.mark.parametrize('name', RUN)
-def test_recipe_trains_two_iterations(repo, gpt2_data, name):  # noqa: F811
-    c = recipe(name)
-    overrides = dict(
-        device='cpu',  # the test machine's (a GPU recipe says 'auto')
-        compile=False,  # torch.compile takes a minute on a CPU (train_gpt2.py sets True)
-        max_iters=2,  # 2 iterations; evaluations at 0 and 2
-        eval_iters=2,  # not hundreds of batches per evaluation
-        plot=False,  # matplotlib costs a second a run; test_plot.py draws
-    )
-    if c['eval_hellaswag']:  # its file is downloaded (no network here); test_eval.py scores it during training
-        overrides['eval_hellaswag'] = 0
-    if c['init_from'].endswith('.pt'):  # a base checkpoint: a tiny one, trained on the base's data, in its place
-        overrides.update(init_from=gpt2_data['base'], block_size=16, batch_size=1)
-    elif c['dataset'] not in ('shakespeare_char', 'shakespeare', 'letters_chat'):  # GPT-2 BPE, as theirs
-        overrides['dataset'] = 'shakespeare'
-    if c['init_from'] == 'scratch':  # GPU sizes made tiny: the same heads and key/value heads, 4 wide each
-        overrides.update(n_embd=4 * c['n_head'], block_size=16, batch_size=1)
-    elif 'init_from' not in overrides:  # GPT-2's weights without the download: its layout and vocabulary, 1 x 2 x 16
-        overrides['init_from'] = gpt2_data['gpt2']
-    if c['dataset'] in ('alpaca', 'alpaca_zh'):  # the hub's conversations: letters_chat's, in GPT-2's BPE
-        overrides['dataset'] = 'letters_chat_gpt2'
-    p = run(repo, 'train.py', f'config/{name}', *(f'--{k}={v}' for k, v in overrides.items()))
+def test_recipe_trains_two_iterations(repo, trained, name):  # noqa: F811
+    c, overrides, p = trained(name)
     val = [float(v) for v in re.findall(r'val loss ([0-9.]+)', p.stdout)]
     assert val and all(math.isfinite(v) for v in val), p.stdout
     if c['eval_only']:
