@@ -13,9 +13,10 @@ sys.excepthook for an uncaught exception, SystemExit's code, atexit's handlers a
 own exit. The child is a real process: its exit status, pid and signals are its own.
 
 What a fork cannot change, a real subprocess is for: ScriptRunner.run falls back to subprocess.run
-when the caller gives an environment of its own (variables torch reads when it is imported, such as
-OMP_NUM_THREADS or MALLOC_*, would not take effect). torchrun and the tests that signal a run
-use subprocess directly.
+when the environment is not the one the server started with (the caller's env=, or a test's
+monkeypatch.setenv): a variable read when the interpreter or torch starts (PYTHONPATH, OMP_NUM_THREADS,
+MALLOC_*) would not take effect in a fork. torchrun and the tests that signal a run use subprocess
+directly.
 """
 
 import json
@@ -90,12 +91,12 @@ class ScriptRunner:
     script, *args], cwd=cwd, capture_output=True, text=True): through the fork server where it can."""
 
     def __init__(self):
-        self.server = None
+        self.server, self.env = None, dict(os.environ)  # the environment a fork can stand in for
 
     def start(self):
         to_server, self.requests = os.pipe()
         self.replies, from_server = os.pipe()
-        env = dict(os.environ, **{SERVER_ENV: '1'})
+        env = dict(self.env, **{SERVER_ENV: '1'})
         self.server = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(to_server), str(from_server)],
                                        pass_fds=(to_server, from_server), env=env, stdin=subprocess.DEVNULL)
         os.close(to_server)
@@ -112,7 +113,7 @@ class ScriptRunner:
 
     def run(self, cwd, script, args, timeout=300, input=None, env=None):
         argv = [sys.executable, script, *args]
-        if env is not None:  # an environment of its own: a fresh interpreter reads it at start-up
+        if env is not None or os.environ != self.env:  # another environment: a fresh interpreter reads it
             return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input,
                                   env=env)
         if self.server is None or self.server.poll() is not None:
@@ -123,7 +124,7 @@ class ScriptRunner:
                 f.write(input or '')
             open(paths['stdout'], 'w').close()
             open(paths['stderr'], 'w').close()
-            request = dict(script=script, args=list(args), cwd=str(cwd), env=dict(os.environ), **paths)
+            request = dict(script=script, args=list(args), cwd=str(cwd), env=self.env, **paths)
             os.write(self.requests, (json.dumps(request) + '\n').encode())
             pid = self.read_reply(30)
             status = self.read_reply(timeout)
@@ -145,6 +146,7 @@ import helper  # from the script's own folder
 atexit.register(lambda: print('atexit ran'))
 print('argv', sys.argv[1:], 'cwd', os.path.basename(os.getcwd()), 'helper', helper.WHERE, 'stdin', sys.stdin.read())
 print('to stderr: é', file=sys.stderr)
+print('PYTHONPATH seen:', any(p.endswith('elsewhere') for p in sys.path))
 how = sys.argv[1]
 if how == 'exit3':
     sys.exit(3)
@@ -161,7 +163,7 @@ if how == 'kill':
 '''
 
 
-def test_a_forked_run_is_what_a_subprocess_gives(tmp_path):
+def test_a_forked_run_is_what_a_subprocess_gives(tmp_path, monkeypatch):
     """The same script through the fork server and through subprocess.run: the same exit status, stdout and
     stderr, for a normal end, sys.exit with a code or a message, an uncaught exception (and the script's
     own excepthook) and a death by signal; its argv, folder, stdin, local imports and atexit handlers."""
@@ -175,3 +177,7 @@ def test_a_forked_run_is_what_a_subprocess_gives(tmp_path):
         assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr), how
     assert real.returncode == -9 and "helper probe folder stdin piped in" in real.stdout
     assert runner.run(tmp_path, 'probe.py', ['exit3']).returncode == 3  # the server serves one run after another
+    pid = runner.server.pid
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path / 'elsewhere'))  # read at start-up: a fork would miss it
+    p = runner.run(tmp_path, 'probe.py', ['ok'])  # so a fresh interpreter runs it, and the server stays
+    assert p.returncode == 0 and 'PYTHONPATH seen: True' in p.stdout and runner.server.pid == pid
