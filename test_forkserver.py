@@ -126,7 +126,7 @@ class ScriptRunner:
             open(paths['stderr'], 'w').close()
             request = dict(script=script, args=list(args), cwd=str(cwd), env=self.env, **paths)
             os.write(self.requests, (json.dumps(request) + '\n').encode())
-            pid = self.read_reply(30)
+            pid = self.read_reply(None)  # sent as soon as it has forked
             status = self.read_reply(timeout)
             if status is None:  # as subprocess.run: kill it, then say so
                 os.kill(pid, signal.SIGKILL)
