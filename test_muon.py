@@ -55,8 +55,8 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_the_rest():
 
 # one setting for every Muon run here: 30 iterations of 2 micro-steps, on the blocks of n_embd 32
 ARGS = [*TINY, '--optimizer=muon', '--muon_learning_rate=0.02', '--learning_rate=1e-2', '--min_lr=1e-3',
-        '--warmup_iters=4', '--lr_decay_iters=30', '--eval_interval=6', '--n_embd=32', '--gradient_accumulation_steps=2',
-        '--max_iters=30']
+        '--warmup_iters=4', '--lr_decay_iters=30', '--eval_interval=6', '--n_embd=32',
+        '--gradient_accumulation_steps=2', '--max_iters=30']
 
 
 @pytest.fixture(scope='module')

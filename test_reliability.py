@@ -75,7 +75,8 @@ def peak_and_estimate(repo, batch_size):
 
 @pytest.fixture(scope='module')
 def batch2(repo):  # noqa: F811
-    """peak_and_estimate at 2 sequences; its checkpoint, out-mem2/last.pt, is the one an out-of-memory step must not touch."""
+    """peak_and_estimate at 2 sequences; its checkpoint, out-mem2/last.pt, is the one that an out-of-memory
+    step must leave as it was."""
     return peak_and_estimate(repo, 2)
 
 
