@@ -53,15 +53,23 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_the_rest():
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# one setting for every Muon run here: 30 iterations of 2 micro-steps, on the blocks of n_embd 32
 ARGS = [*TINY, '--optimizer=muon', '--muon_learning_rate=0.02', '--learning_rate=1e-2', '--min_lr=1e-3',
-        '--warmup_iters=4', '--lr_decay_iters=24', '--eval_interval=6', '--plot=False']
+        '--warmup_iters=4', '--lr_decay_iters=30', '--eval_interval=6', '--n_embd=32',
+        '--gradient_accumulation_steps=2', '--max_iters=30']
 
 
-def test_muon_learns_like_adamw(repo):
+@pytest.fixture(scope='module')
+def straight(repo):  # noqa: F811
+    """ARGS in one process, uninterrupted (out-m30): the run AdamW's is compared with, a resumed run and 2
+    processes must equal. Its losses {iter: loss}."""
+    return logged(run(repo, 'train.py', *ARGS, '--out_dir=out-m30').stdout, 'loss')
+
+
+def test_muon_learns_like_adamw(repo, straight):
     """On the same 30 batches, Muon's loss falls at least as far as AdamW's (both at their usual rates)."""
-    common = [*ARGS, '--max_iters=30', '--eval_interval=30', '--n_embd=32', '--lr_decay_iters=30']
-    muon = logged(run(repo, 'train.py', *common, '--out_dir=out-muon-learns').stdout, 'loss')
-    adamw = logged(run(repo, 'train.py', *common, '--optimizer=adamw', '--out_dir=out-adamw-learns').stdout, 'loss')
+    muon = straight
+    adamw = logged(run(repo, 'train.py', *ARGS, '--optimizer=adamw', '--out_dir=out-adamw-learns').stdout, 'loss')
     last = lambda losses: sum(losses[i] for i in range(25, 30)) / 5
     assert last(adamw) < losses_at_start(adamw) - 0.5  # AdamW learned: the comparison means something
     assert last(muon) < last(adamw) + 0.05, (last(muon), last(adamw))
@@ -71,34 +79,30 @@ def losses_at_start(losses):
     return sum(losses[i] for i in range(3)) / 3
 
 
-def test_muon_resume_is_bit_identical(repo):
-    """12 iterations, stop, resume to 24: the same losses and weights as 24 straight (both optimizers' state)."""
-    straight = run(repo, 'train.py', *ARGS, '--max_iters=24', '--out_dir=out-m24')
+def test_muon_resume_is_bit_identical(repo, straight):
+    """12 iterations, stop, resume to 30: the same losses and weights as 30 straight (both optimizers' state)."""
     first = run(repo, 'train.py', *ARGS, '--max_iters=12', '--out_dir=out-m12')
-    second = run(repo, 'train.py', *ARGS, '--max_iters=24', '--out_dir=out-m12', '--init_from=resume')
-    assert logged(straight.stdout, 'loss') == {**logged(first.stdout, 'loss'), **logged(second.stdout, 'loss')}
-    assert_same_weights(weights(repo, 'out-m24'), weights(repo, 'out-m12'))
+    second = run(repo, 'train.py', *ARGS, '--out_dir=out-m12', '--init_from=resume')
+    assert straight == {**logged(first.stdout, 'loss'), **logged(second.stdout, 'loss')}
+    assert_same_weights(weights(repo, 'out-m30'), weights(repo, 'out-m12'))
     saved = torch.load(repo / 'out-m12' / 'last.pt', weights_only=True)['optimizer']
     assert 'momentum_buffer' in saved['state'][0] and 'exp_avg' in saved['state'][len(saved['state']) - 1]
 
 
-def test_muon_two_processes_equal_one_and_fsdp_is_refused(repo):
+def test_muon_two_processes_equal_one_and_fsdp_is_refused(repo, straight):
     """torchrun with 2 Gloo processes (DDP), one micro-step each, equals one process with 2 micro-steps, to 1e-6.
     Muon orthogonalises in bfloat16 and Newton-Schulz multiplies a gradient's small directions ~400x
     (3.4445^5), so a last-bit difference of the summed gradients would show: with 2 micro-steps the sum
-    g0/2 + g1/2 is the same float either way, and with torchrun's one thread per process (OMP_NUM_THREADS=1)
-    the single process computes each gradient as they do."""
-    args = [*TINY, '--optimizer=muon', '--gradient_accumulation_steps=2', '--max_iters=8', '--eval_interval=4',
-            '--learning_rate=1e-2', '--muon_learning_rate=0.02', '--warmup_iters=2', '--lr_decay_iters=8']
-    subprocess.run([sys.executable, 'train.py', *args, '--out_dir=out-muon-one'], cwd=repo, check=True,
-                   capture_output=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
-    torchrun(repo, *args, '--out_dir=out-muon-ddp')
-    a, b = weights(repo, 'out-muon-one'), weights(repo, 'out-muon-ddp')
+    g0/2 + g1/2 is the same float either way, and with torchrun's one thread per process (OMP_NUM_THREADS=1,
+    which conftest.py sets for every test's subprocesses) the single process computes each gradient as they do."""
+    assert os.environ['OMP_NUM_THREADS'] == '1'
+    torchrun(repo, *ARGS, '--out_dir=out-muon-ddp')
+    a, b = weights(repo, 'out-m30'), weights(repo, 'out-muon-ddp')
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     # refused before any process group starts: one process with torchrun's variables says it
-    p = subprocess.run([sys.executable, 'train.py', *args, '--fsdp=True', '--out_dir=out-muon-fsdp'], cwd=repo,
+    p = subprocess.run([sys.executable, 'train.py', *ARGS, '--fsdp=True', '--out_dir=out-muon-fsdp'], cwd=repo,
                        capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, RANK='0', LOCAL_RANK='0', WORLD_SIZE='1'))
     assert_one_line_error(p, "optimizer='muon'", 'FSDP keeps only a shard', 'fsdp=False')
