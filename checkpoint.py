@@ -1,6 +1,7 @@
 """
 Where a model comes from and where it goes: checkpoints written and read (whole or not at all), one run
-per out_dir (RunLock), GPT-2's weights in the Hugging Face layout, and one call that gives a ready model
+per out_dir (RunLock, hold_out_dir), the model a training run starts from (train_model: init_from's
+scratch, resume, a .pt file or GPT-2's weights; resume_optimizer), and one call that gives a ready model
 with its tokenizer:
 
     from checkpoint import load_model
@@ -8,14 +9,14 @@ with its tokenizer:
     model, tok, ckpt = load_model('gpt2-xl', device='cuda')                   # OpenAI's GPT-2 (ckpt is None)
 
 train.py, sample.py, chat.py, eval.py and export_hf.py use it; model.py knows nothing of files;
-devices.py says where a model runs.
+devices.py says where a model runs; hf_gpt2.py reads GPT-2's Hugging Face folders.
 A checkpoint is one torch.save dict with nanoGPT's keys (model, optimizer, model_args, iter_num,
 best_val_loss, config) and what exact resumption adds (scaler, rng_state, cuda_rng_state). It holds
 plain tensors and values only, so it loads with weights_only=True and loading never runs code.
 """
 
-import glob
-import json
+import atexit
+import dataclasses
 import os
 import shutil
 import socket
@@ -30,7 +31,9 @@ except ImportError:  # Windows: runs are not locked
 
 import torch
 
-from devices import human_bytes
+from devices import fail_together, human_bytes
+from downloads import GPT2_SIZES
+from hf_gpt2 import from_pretrained
 from model import GPT, GPTConfig
 from tokenizer import DATA_DIR, DataError, gpt2_tokenizer, load_meta, load_tokenizer
 
@@ -180,6 +183,20 @@ def restore_optimizer(model, optimizer, optim_sd, sharded):
         group.update(settings)
 
 
+def resume_optimizer(checkpoint, config, model, optimizer, scaler, sharded, log=print):
+    """A resumed run's optimizer state (Adam's moments, and Muon's) and float16's loss scale (scaler), from
+    checkpoint; their settings stay today's. A checkpoint of another optimizer than config's: it starts afresh."""
+    optim_sd = checkpoint.get('optimizer') or {}  # none, or no state (saved before the first update): the fresh one
+    if checkpoint['config'].get('optimizer', 'adamw') != config['optimizer']:
+        log(f"optimizer {checkpoint['config'].get('optimizer', 'adamw')} in the checkpoint, now {config['optimizer']}: "
+            f"its state starts afresh")
+        optim_sd = {}
+    if optim_sd.get('state'):  # its settings (learning rate, betas, the fused kernel) stay today's
+        restore_optimizer(model, optimizer, optim_sd, sharded)
+    if scaler.is_enabled() and checkpoint.get('scaler'):  # float16 on both runs: keep the loss scale it found
+        scaler.load_state_dict(checkpoint['scaler'])
+
+
 class RunLock:
     """out_dir/train.lock, held by one train.py while it runs, so that a second one on the same folder refuses
     instead of writing last.pt and log.jsonl over the first's. The lock is the kernel's (flock): a process that
@@ -229,117 +246,31 @@ class RunLock:
         self.release()
 
 
+def hold_out_dir(out_dir, master, device, ddp, log=print):
+    """train.py's out_dir, made if new, and held by this run until it exits: the master takes its RunLock
+    (torchrun's other processes share it). A ValueError when it cannot be written; when another run holds it,
+    every process stops (devices.fail_together). Returns the lock (None on the other processes)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(13, 'Permission denied')
+    except OSError as e:
+        raise ValueError(f"cannot write to out_dir '{out_dir}' ({e.strerror}): choose another with --out_dir=PATH") from None
+    lock = busy = None
+    try:
+        lock = RunLock(out_dir) if master else None
+    except ValueError as e:
+        busy = e
+    fail_together(busy, device, ddp)
+    if lock is not None:
+        atexit.register(lock.release)
+        if lock.notice:  # a killed run's lock taken over, or none possible here
+            log(lock.notice)
+    return lock
+
+
 # -----------------------------------------------------------------------------
-# GPT-2's weights in the Hugging Face layout (export_hf.py writes it). It differs from model.py's in two
-# ways: names may lack the 'transformer.' prefix, and c_attn, c_proj and c_fc store their weights
-# transposed, (in, out), because OpenAI's code multiplied by them through a "Conv1D" layer, not nn.Linear.
-
-# the hub's GPT-2s as (n_layer, n_head, n_embd): 124M, 350M, 774M and 1558M parameters
-GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024),
-              'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600)}
-HF_CONV1D = ('c_attn.weight', 'c_proj.weight', 'c_fc.weight')  # weights HF's GPT-2 stores transposed, (in, out)
-HF_GELU = {'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu': 'exact'}  # activation_function -> GPTConfig.gelu
-
-
-def download_gpt2(name):
-    """The hub's GPT-2 folder, cached by huggingface_hub (which reads HF_ENDPOINT and HF_HUB_OFFLINE)."""
-    if name not in GPT2_SIZES:
-        raise ValueError(f"'{name}' is not a folder, nor one of {', '.join(GPT2_SIZES)}")
-    try:
-        from huggingface_hub import snapshot_download  # comes with transformers
-    except ImportError:
-        raise ImportError(f"downloading '{name}' needs the Hugging Face hub client: pip install transformers") from None
-    repo = f'openai-community/{name}'  # where OpenAI's models live on the hub ('gpt2' alone is a redirect)
-    try:
-        return snapshot_download(repo, allow_patterns=['config.json', 'model.safetensors'])
-    except Exception as e:  # offline, a proxy, a wrong HF_ENDPOINT, a revoked repo...
-        first_line = (str(e).strip().splitlines() or [''])[0]
-        raise ValueError(f"cannot download '{name}' from the Hugging Face hub ({type(e).__name__}: {first_line}); "
-                         f"where it is reachable, run 'hf download {repo} config.json model.safetensors "
-                         f"--local-dir {name}', copy that folder here and pass its path instead") from None
-
-
-def read_config(folder):
-    """GPTConfig's arguments for the GPT-2 of a folder's config.json (transformers' GPT2Config)."""
-    path = os.path.join(folder, 'config.json')
-    try:
-        with open(path, encoding='utf-8') as f:
-            hf = json.load(f)
-        args = dict(n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'], block_size=hf['n_positions'],
-                    vocab_size=hf['vocab_size'], bias=True, gelu=HF_GELU.get(hf.get('activation_function', 'gelu_new')))
-    except (OSError, ValueError, KeyError, TypeError) as e:  # no file, not JSON, a missing key, not a dict
-        raise ValueError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e})") from None
-    # refuse the settings this model does not compute, rather than give other logits
-    unsupported = [f"{k}={hf.get(k)!r}" for k, ok in [
-        ('model_type', hf.get('model_type') == 'gpt2'),
-        ('activation_function', args['gelu'] is not None),
-        ('n_inner', hf.get('n_inner') in (None, 4 * hf['n_embd'])),
-        ('layer_norm_epsilon', hf.get('layer_norm_epsilon', 1e-5) == 1e-5),
-        ('scale_attn_weights', hf.get('scale_attn_weights', True)),
-        ('scale_attn_by_inverse_layer_idx', not hf.get('scale_attn_by_inverse_layer_idx', False)),
-    ] if not ok]
-    if unsupported:
-        raise ValueError(f"{path}: this GPT does not implement {', '.join(unsupported)}")
-    return args
-
-
-def read_files(folder):
-    """{name: tensor} of a Hugging Face folder: model.safetensors or pytorch_model.bin, or the
-    shards of a large model (model-00001-of-00003.safetensors, ...)."""
-    paths = (sorted(glob.glob(os.path.join(glob.escape(folder), 'model*.safetensors'))) or
-             sorted(glob.glob(os.path.join(glob.escape(folder), 'pytorch_model*.bin'))))
-    if not paths:
-        raise ValueError(f"{folder} has no model.safetensors nor pytorch_model.bin")
-    if paths[0].endswith('.safetensors'):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"reading {paths[0]} needs safetensors: pip install safetensors") from None
-    else:  # weights_only: the file can hold only tensors, so loading it never runs code (a pickle can)
-        load_file = lambda path: torch.load(path, map_location='cpu', weights_only=True)
-    state_dict = {}
-    for path in paths:
-        try:
-            state_dict.update(load_file(path))
-        except Exception as e:  # truncated, or not what its name says
-            first_line = (str(e).strip().splitlines() or [''])[0]
-            raise ValueError(f"cannot read {path} ({type(e).__name__}: {first_line})") from None
-    return state_dict
-
-
-def read_weights(folder):
-    """The weights of a folder as model.py's GPT names them: its state_dict (lm_head tied to wte)."""
-    weights = read_files(folder)
-    lm_head = weights.pop('lm_head.weight', None)  # absent when saved tied, as transformers does
-    state_dict = {}
-    for k, v in weights.items():
-        k = k.removeprefix('transformer.')  # GPT2LMHeadModel's files say transformer.h.0..., GPT2Model's h.0...
-        if k.endswith(('.attn.bias', '.attn.masked_bias')):
-            continue  # the causal mask, which older transformers saved as a buffer: not a weight
-        state_dict['transformer.' + k] = v.t() if k.endswith(HF_CONV1D) else v  # Conv1D's (in, out) -> (out, in)
-    wte = state_dict.get('transformer.wte.weight')
-    if wte is not None:
-        if lm_head is not None and not torch.equal(lm_head, wte):
-            raise ValueError(f"{folder}: lm_head differs from wte, but this GPT ties them (weight tying, as GPT-2)")
-        state_dict['lm_head.weight'] = wte
-    return state_dict
-
-
-def from_pretrained(name_or_path, override_args=None):
-    """GPT-2's weights: 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' from the Hugging Face hub, or a
-    local folder in its layout (config.json, model.safetensors or pytorch_model.bin). override_args may
-    set what leaves the weights alone: dropout (default 0.0), flash."""
-    override_args = override_args or {}
-    if set(override_args) - {'dropout', 'flash'}:
-        raise ValueError(f"from_pretrained overrides only dropout and flash, not {sorted(override_args)}")
-    folder = name_or_path if os.path.isdir(name_or_path) else download_gpt2(name_or_path)
-    model = GPT(GPTConfig(**{**read_config(folder), 'dropout': 0.0, **override_args}))
-    try:
-        model.load_state_dict(read_weights(folder))  # copies, casting float16/bfloat16 files to float32
-    except RuntimeError as e:  # missing or unexpected names, other shapes: torch's message lists them
-        message = ' '.join(str(e).split())[:300]  # in one line
-        raise ValueError(f"{folder}: the weights do not fit its config.json ({message})") from None
-    return model
+# a training run's model: a base model fitted to a chat dataset, and init_from
 
 
 def grow_for_chat(model, base, meta, vocab_size):
@@ -354,6 +285,67 @@ def grow_for_chat(model, base, meta, vocab_size):
         raise ValueError(f"the model knows {known:,} ids, but the chat data's extend a tokenizer of "
                          f"{meta['chat']['base_vocab_size']:,}: its vocabulary cannot be grown to fit another tokenizer")
     return known, model.grow_vocab(vocab_size, known)
+
+
+def train_model(init_from, out_dir, model_args, meta, config, device, sharded=False, log=print):
+    """(model, model_args, checkpoint) for train.py, from init_from:
+    - 'scratch': a new GPT of model_args (the settings);
+    - 'resume': out_dir's last.pt, else its ckpt.pt (nanoGPT's folders), whose shape and vocabulary must be the
+      settings' (check_resume: what else changed is logged); config['init_from'] keeps where its weights came from,
+      and the random state is the checkpoint's (torch's, and CUDA's on a GPU);
+    - FILE.pt: another run's weights and shape, to finetune (iteration 0, a new optimizer);
+    - 'gpt2'..'gpt2-xl' or a Hugging Face folder: GPT-2's weights, for data in GPT-2's BPE (meta).
+    The last two are cropped to model_args' block_size if it is smaller, and grow their vocabulary for a chat
+    dataset (grow_for_chat). model_args comes back as the model's own GPTConfig fields (the settings', from
+    scratch), for the checkpoint; checkpoint is resume's (its iteration, random and optimizer state), else None.
+    sharded (FSDP): a resumed model stays on the CPU, for fully_shard. A ValueError (an ImportError: the pip
+    install a Hugging Face folder needs) says in one line what is wrong."""
+    dropout, flash, block_size, vocab_size = (model_args[k] for k in ('dropout', 'flash', 'block_size', 'vocab_size'))
+    if init_from == 'scratch':
+        log(f"a new model from scratch, vocab_size {vocab_size}")
+        return GPT(GPTConfig(**model_args)), model_args, None
+    if init_from == 'resume':
+        # last.pt is the latest state; a folder written by nanoGPT (or with last.pt deleted) has ckpt.pt
+        path = next((p for p in (os.path.join(out_dir, f) for f in ('last.pt', 'ckpt.pt')) if os.path.isfile(p)), None)
+        if path is None:
+            raise ValueError(f"no checkpoint to resume in {out_dir}: train with --init_from=scratch first, or fix --out_dir")
+        log(f"resuming from {path}")
+        # dropout and the attention path may change on resume; the weights' shapes may not
+        model, checkpoint = load_checkpoint(path, 'cpu' if sharded else device, dropout=dropout, flash=flash,
+                                            mmap=sharded or device.split(':')[0] != 'cpu')
+        # its shape and vocabulary stay; what may change is allowed, and said
+        changes = check_resume(checkpoint, model, model_args, (vocab_size, meta['vocab_size']), config)
+        log(''.join(f"  {change}\n" for change in changes), end='')
+        if checkpoint['config'].get('init_from', 'scratch') not in ('scratch', 'resume'):
+            config['init_from'] = checkpoint['config']['init_from']  # GPT-2's weights: where they came from, kept
+        # dropout continues as if never stopped (a CPU tensor, whatever map_location did)
+        if 'rng_state' in checkpoint:
+            torch.set_rng_state(checkpoint['rng_state'].cpu())
+        if device.startswith('cuda') and 'cuda_rng_state' in checkpoint:
+            torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
+        return model, dataclasses.asdict(model.config), checkpoint  # with today's dropout, flash
+    if init_from.endswith('.pt'):  # another run's checkpoint, to finetune: its weights and shape, a fresh optimizer
+        log(f"initialising from {init_from} (its weights; iteration 0, a new optimizer)")
+        model, base = load_checkpoint(init_from, device, dropout=dropout, flash=flash)
+    elif init_from.startswith('gpt2') or os.path.isdir(init_from):  # GPT-2's weights: from the hub, or an HF folder
+        if meta['tokenizer']['type'] != 'gpt2':
+            raise ValueError(f"init_from={init_from} needs data in GPT-2's BPE, but data/{config['dataset']} is "
+                             f"tokenized as '{meta['tokenizer']['type']}': prepare it with --tokenizer=gpt2")
+        log(f"initialising from GPT-2's weights: {init_from}")
+        model, base = from_pretrained(init_from, dict(dropout=dropout, flash=flash)), None
+    else:
+        raise ValueError(f"init_from must be 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
+                         f"Hugging Face folder, not '{init_from}'")
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)  # GPT-2 has 1024 positions; fewer train faster
+    if 'chat' in meta:  # ids the base never learned: the markers, new characters
+        try:
+            known, added = grow_for_chat(model, base, meta, vocab_size)
+        except (ValueError, DataError) as e:
+            raise ValueError(f"{e}: prepare the conversations with --tokenizer=data/<the dataset the model learned>") from None
+        log(f"the embedding and the tied lm_head grow by {added} rows to {vocab_size:,}; ids {known:,}.."
+            f"{meta['vocab_size'] - 1:,} (the chat template's tokens, new characters) start at the mean of the others")
+    return model, dataclasses.asdict(model.config), None  # GPT-2's shape (vocab 50257, tanh GELU), for the checkpoint
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """
-Where and how a model runs: the device, the precision, compile and the attention path, the distributed
-backend and the accumulation split, the random state of each step, memory (how much there is, what a step
-needs, what to do when it runs out) and the peak FLOPs MFU is measured against.
+Where and how a model runs: the device, the precision (and float16's GradScaler), compile and the attention
+path, the distributed backend, the accumulation split and FSDP's sharding, the random state of each step,
+memory (how much there is, what a step needs, what to do when it runs out: exit_on_oom), the peak FLOPs MFU
+is measured against, and how processes stop: together on an error (fail_together), at a signal
+(StopSignals), at the end (end_processes).
 
     from devices import autocast_context, pick_device, pick_dtype
     device = pick_device('auto')              # 'cuda', 'mps' or 'cpu': the best the machine has
@@ -17,6 +19,7 @@ import importlib.util
 import inspect
 import os
 import re
+import signal
 import sys
 from contextlib import nullcontext, suppress
 
@@ -125,6 +128,35 @@ def end_processes():
     os._exit(0)
 
 
+def fail_together(message, device, ddp):
+    """Every process calls it; if one has a message (the others None), it is said and all stop, together. Said
+    before the others learn of it: torchrun stops the rest as soon as one exits, which could cut it off."""
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    flag = torch.tensor(float(message is not None), device=device)
+    if ddp:
+        torch.distributed.all_reduce(flag)
+    if flag.item() > 0:
+        sys.exit(1)
+
+
+class StopSignals:
+    """SIGTERM (a cluster preempting the job, `kill`) and SIGINT (Ctrl-C), from now on: each asks train.py to stop
+    at this step, with a checkpoint, and name says which one did (None: none yet); a second one stops at once,
+    without a checkpoint (KeyboardInterrupt)."""
+
+    def __init__(self, log=print):
+        self.name, self.log = None, log
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.name is not None:  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        self.log(f"{self.name}: stopping at this step, with a checkpoint")
+
+
 def compile_checked(model, batch, ctx, device, log=print, backend='inductor'):
     """torch.compile(model), tried on one forward and backward of batch (x, y), which is when compiling
     happens: the compiled model, or, where that fails (a compiler or Triton missing, a GPU it does not
@@ -160,6 +192,26 @@ def step_seed(seed, iter_num, micro_step):
     (one seed for all would correlate the noise across the global batch), 2 processes draw the masks 1
     process does, and a resumed run draws the masks the uninterrupted one did, on every device type."""
     return int(np.random.SeedSequence([seed, 3, iter_num, micro_step]).generate_state(1, np.uint64)[0])
+
+
+def shard(model):
+    """FSDP2 over the processes (fully_shard), each Block, then the rest: each process keeps 1/world of every
+    parameter; a Block's full weights are gathered just before it runs and freed after, so the model, its
+    gradients and AdamW's two moments need not fit on one device."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def grad_scaler(device_type, dtype, sharded):
+    """float16's narrow range underflows small gradients: the scaler scales the loss up, and unscales before
+    the step. bfloat16 has float32's range and needs no scaler: for any other dtype it is a no-op
+    (enabled=False). sharded (FSDP): ShardedGradScaler, which agrees on an overflow across processes."""
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(device_type, enabled=(dtype == 'float16'))
+    return torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
 
 def without_fused(optimizer):
@@ -278,8 +330,39 @@ def human_bytes(n):
                 f"{n:,} bytes")
 
 
+def estimate_memory(model, batch_size, dtype='float32'):
+    """Bytes a training step needs, estimated: {weights, gradients, optimizer, activations, total}, for
+    micro-batches of batch_size x block_size under dtype's autocast (train.py prints it; eager, one process).
+    Per parameter: float32 weights 4 (and the half copies autocast makes for the matmuls, 2), gradients 4,
+    AdamW's two moments 8. Activations, what autograd keeps for the backward, in bytes per token, with
+    a = 2 (bfloat16/float16) or 4 (float32), h = n_embd, V = vocab_size; per layer:
+        the residual stream at the two norms' inputs, float32    2 * 4h
+        the norms' outputs, as c_attn and c_fc read them         2 * a h
+        q, k, v (c_attn's output) (+ GQA's repeated k, v: 2 a h)  a (h + 2 kv)    kv = n_kv_head * head size
+        attention's output (c_proj's input: a view of it)        a h
+        c_fc's output and GELU's                                 2 * a 4h        (SwiGLU: 4 a hidden)
+        flash=False: the (n_head, T) softmax of each query       a n_head T      (CUDA: 4 more, in float32)
+    = 64h in float32 and 36h in bfloat16 for GPT-2's block. Korthikanti et al. 2022 ("Reducing Activation
+    Recomputation in Large Transformer Models", sec. 4.1) count 34h in 16 bits: theirs has dropout's masks
+    (2h) and a 16-bit residual stream (4h less). Then ln_f (4h + a h) and the logits: a V (lm_head's output, which train.py keeps until the next step), 4V
+    (the cross-entropy's float32 log-probabilities) and 8V (two float32 gradients as the backward starts).
+    The peak of live tensors on the CPU is 2% above this (test_reliability.py); allocators keep more (glibc's
+    malloc 25-55% at that shape). Not counted: torch.compile's fusions (less), DDP's buckets (4 per parameter)."""
+    cfg, a = model.config, (4 if dtype == 'float32' else 2)
+    h, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
+    kv = (cfg.n_kv_head or cfg.n_head) * hs
+    mlp = 4 * a * model.transformer.h[0].mlp.c_proj.in_features if cfg.swiglu else 8 * a * h
+    layer = 8 * h + a * (2 * h + h + 2 * kv + (2 * h if kv != h else 0) + h) + mlp
+    layer += 0 if cfg.flash else a * cfg.n_head * cfg.block_size
+    per_token = cfg.n_layer * layer + 4 * h + a * h + (a + 12) * cfg.vocab_size
+    n = sum(p.numel() for p in model.parameters())
+    need = dict(weights=n * (4 if a == 4 else 6), gradients=4 * n, optimizer=8 * n,
+                activations=per_token * batch_size * cfg.block_size)
+    return dict(need, total=sum(need.values()))
+
+
 def memory_summary(need):
-    """GPT.estimate_memory's dict in words: '14.2 GB (weights 0.7 GB, ..., activations 12.1 GB)'."""
+    """estimate_memory's dict in words: '14.2 GB (weights 0.7 GB, ..., activations 12.1 GB)'."""
     parts = ', '.join(f"{'AdamW' if k == 'optimizer' else k} {human_bytes(v)}" for k, v in need.items() if k != 'total')
     return f"{human_bytes(need['total'])} ({parts})"
 
@@ -295,6 +378,17 @@ def memory_fix(need, memory, batch_size, gradient_accumulation_steps, world=1, b
     return f"--batch_size={b} --gradient_accumulation_steps={sequences // b} keeps the tokens per step"
 
 
+def memory_report(model, memory, batch_size, dtype, gradient_accumulation_steps, world=1):
+    """What a training step of model needs by estimate_memory, and the memory there is (bytes, None: unknown),
+    in words; with a warning and the fix when it is more than there is."""
+    need = estimate_memory(model, batch_size, dtype)
+    report = f"memory a step needs, estimated: {memory_summary(need)} in {dtype}; {human_bytes(memory or 0)} available"
+    if memory and need['total'] > memory:
+        report += (f"\nwarning: more than there is, expect an out-of-memory error: "
+                   f"{memory_fix(need, memory, batch_size, gradient_accumulation_steps, world)}")
+    return report
+
+
 def is_out_of_memory(e):
     """An allocation failed: CUDA's and MPS's OutOfMemoryError, Python's MemoryError, or the CPU allocator's
     RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")."""
@@ -303,3 +397,18 @@ def is_out_of_memory(e):
     message = str(e)
     return isinstance(e, RuntimeError) and any(s in message for s in (
         "can't allocate memory", 'DefaultCPUAllocator', 'out of memory'))
+
+
+def exit_on_oom(where, device, memory, batch_size, gradient_accumulation_steps, world):
+    """An excepthook (sys.excepthook = exit_on_oom(...)): out of memory anywhere (building the model, a step,
+    an evaluation) ends in one line saying where, the estimate and the fix, not a traceback; exit status 1.
+    Nothing was saved, so the checkpoints on disk are those from before. where() gives (the stage, the
+    estimate_memory of a step). Any other exception keeps its traceback."""
+    def hook(kind, e, traceback):
+        if not is_out_of_memory(e):
+            return sys.__excepthook__(kind, e, traceback)
+        stage, need = where()
+        fix = memory_fix(need, memory, batch_size, gradient_accumulation_steps, world, stage == 'building the model')
+        print(f"error: out of memory {stage} on {device} ({type(e).__name__}); a step needs {memory_summary(need)} "
+              f"by the estimate, of {human_bytes(memory or 0)} available: {fix}", file=sys.stderr)
+    return hook

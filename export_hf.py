@@ -19,8 +19,9 @@ import os
 import shutil
 
 import configurator
-from checkpoint import HF_CONV1D, find_checkpoint, load_model
+from checkpoint import find_checkpoint, load_model
 from configurator import fail
+from hf_gpt2 import HF_CONV1D
 from tokenizer import DATA_DIR, GPT2_EOT, DataError, eot_of, gpt2_encoding, need
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ References:
 The model and nothing else: GPTConfig, the layers (with both the fused and the written-out masked
 attention), and GPT (initialisation, forward, generate, optimizer groups, FLOPs). It imports no other
 file of this project and importing it only defines things. Files (checkpoints, GPT-2's Hugging Face
-weights) are checkpoint.py's, devices and precision devices.py's, tokenizers tokenizer.py's.
+weights) are checkpoint.py's, devices, precision and the memory a step needs devices.py's, tokenizers
+tokenizer.py's, the Muon optimizer muon.py's.
 """
 
 import math
@@ -200,51 +201,6 @@ class KVCache:
         return self.k, self.v
 
 
-class MuonAdamW:
-    """Muon for the blocks' matrices and AdamW for the rest, stepped together, behaving as one torch.optim
-    optimizer where train.py needs it: param_groups (Muon's first), step, zero_grad, and a state_dict in
-    torch.optim's own format, parameters numbered across both in that order, so a checkpoint holds both
-    optimizers' state in its usual 'optimizer' key and loads with weights_only=True."""
-
-    def __init__(self, muon, adamw):
-        self.optimizers = [muon, adamw]
-        self.defaults = adamw.defaults  # train.py reads 'fused' from here
-
-    @property
-    def param_groups(self):
-        return [g for opt in self.optimizers for g in opt.param_groups]
-
-    def step(self):
-        for opt in self.optimizers:
-            opt.step()
-
-    def zero_grad(self, set_to_none=True):
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        state, groups, offset = {}, [], 0
-        for opt in self.optimizers:
-            sd = opt.state_dict()
-            state.update({i + offset: s for i, s in sd['state'].items()})
-            groups += [dict(g, params=[i + offset for i in g['params']]) for g in sd['param_groups']]
-            offset += sum(len(g['params']) for g in sd['param_groups'])
-        return dict(state=state, param_groups=groups)
-
-    def load_state_dict(self, state_dict):
-        groups, offset = list(state_dict['param_groups']), 0
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"the saved optimizer state has {len(groups)} parameter groups, Muon and AdamW "
-                             f"{len(self.param_groups)}: it was saved by another optimizer")
-        for opt in self.optimizers:
-            mine, groups = groups[:len(opt.param_groups)], groups[len(opt.param_groups):]
-            n = sum(len(g['params']) for g in mine)
-            opt.load_state_dict(dict(
-                state={i - offset: s for i, s in state_dict['state'].items() if offset <= i < offset + n},
-                param_groups=[dict(g, params=[i - offset for i in g['params']]) for g in mine]))
-            offset += n
-
-
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -394,12 +350,13 @@ class GPT(nn.Module):
         self.transformer.wte.num_embeddings = self.lm_head.out_features = self.config.vocab_size = rows.size(0)
         return added
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
-                             muon_learning_rate=0.02, muon_momentum=0.95):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw'):
         """AdamW with decoupled weight decay on matrices (matmul weights, embeddings) only: biases and
-        LayerNorm gains (1-D tensors) are not decayed. optimizer='muon': the blocks' 2-D weight matrices
-        go to Muon instead (MuonAdamW), the embeddings, lm_head and 1-D tensors stay with AdamW.
+        LayerNorm gains (1-D tensors) are not decayed. optimizer='muon': AdamW without the blocks' 2-D weight
+        matrices, which muon.py gives to Muon; the embeddings, lm_head and 1-D tensors stay with AdamW.
         Each group's 'lr_scale' is its peak over learning_rate, for the schedule (train.py)."""
+        if optimizer not in ('adamw', 'muon'):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', not '{optimizer}'")
         params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once
         matrices = {id(p) for p in self.transformer.h.parameters() if p.dim() == 2} if optimizer == 'muon' else set()
         decay_params = [p for p in params if p.dim() >= 2 and id(p) not in matrices]
@@ -411,24 +368,9 @@ class GPT(nn.Module):
         # AdamW's fused kernel updates every tensor in one pass, instead of a handful of ops per tensor:
         # on 2 CPU cores 1.3 ms instead of 8 ms a step for nanoGPT's CPU shape (CUDA: PyTorch >= 2.0, CPU: >= 2.4)
         try:
-            adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
         except (RuntimeError, TypeError):  # an older PyTorch, without the CPU kernel (or any)
-            adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
-        if optimizer == 'adamw':
-            return adamw
-        if optimizer != 'muon':
-            raise ValueError(f"optimizer must be 'adamw' or 'muon', not '{optimizer}'")
-        if not hasattr(torch.optim, 'Muon'):
-            raise ValueError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9+), this is {torch.__version__}: "
-                             f"pip install -U torch, or optimizer='adamw'")
-        # Muon (Keller Jordan, kellerjordan.github.io/posts/muon, 2024): SGD with Nesterov momentum whose
-        # update, per weight matrix, is orthogonalised by 5 Newton-Schulz steps, scaled by sqrt(max(1, out/in)).
-        # lr 0.02, momentum 0.95 and no weight decay are the write-up's and nanochat's settings (modded-nanogpt:
-        # 0.05); only hidden matrices, never the embeddings or the output layer, which AdamW keeps (all three)
-        muon = torch.optim.Muon([p for p in params if id(p) in matrices], lr=muon_learning_rate,
-                                momentum=muon_momentum, weight_decay=0.0)
-        muon.param_groups[0]['lr_scale'] = muon_learning_rate / learning_rate if learning_rate else 0.0
-        return MuonAdamW(muon, adamw)
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
@@ -441,36 +383,6 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
         """Model FLOPs utilisation: FLOPs/s achieved over the device's peak (devices.peak_flops gives it)."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
-
-    def estimate_memory(self, batch_size, dtype='float32'):
-        """Bytes a training step needs, estimated: {weights, gradients, optimizer, activations, total}, for
-        micro-batches of batch_size x block_size under dtype's autocast (train.py prints it; eager, one process).
-        Per parameter: float32 weights 4 (and the half copies autocast makes for the matmuls, 2), gradients 4,
-        AdamW's two moments 8. Activations, what autograd keeps for the backward, in bytes per token, with
-        a = 2 (bfloat16/float16) or 4 (float32), h = n_embd, V = vocab_size; per layer:
-            the residual stream at the two norms' inputs, float32    2 * 4h
-            the norms' outputs, as c_attn and c_fc read them         2 * a h
-            q, k, v (c_attn's output) (+ GQA's repeated k, v: 2 a h)  a (h + 2 kv)    kv = n_kv_head * head size
-            attention's output (c_proj's input: a view of it)        a h
-            c_fc's output and GELU's                                 2 * a 4h        (SwiGLU: 4 a hidden)
-            flash=False: the (n_head, T) softmax of each query       a n_head T      (CUDA: 4 more, in float32)
-        = 64h in float32 and 36h in bfloat16 for GPT-2's block. Korthikanti et al. 2022 ("Reducing Activation
-        Recomputation in Large Transformer Models", sec. 4.1) count 34h in 16 bits: theirs has dropout's masks
-        (2h) and a 16-bit residual stream (4h less). Then ln_f (4h + a h) and the logits: a V (lm_head's output, which train.py keeps until the next step), 4V
-        (the cross-entropy's float32 log-probabilities) and 8V (two float32 gradients as the backward starts).
-        The peak of live tensors on the CPU is 2% above this (test_reliability.py); allocators keep more (glibc's
-        malloc 25-55% at that shape). Not counted: torch.compile's fusions (less), DDP's buckets (4 per parameter)."""
-        cfg, a = self.config, (4 if dtype == 'float32' else 2)
-        h, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
-        kv = (cfg.n_kv_head or cfg.n_head) * hs
-        mlp = 4 * a * self.transformer.h[0].mlp.c_proj.in_features if cfg.swiglu else 8 * a * h
-        layer = 8 * h + a * (2 * h + h + 2 * kv + (2 * h if kv != h else 0) + h) + mlp
-        layer += 0 if cfg.flash else a * cfg.n_head * cfg.block_size
-        per_token = cfg.n_layer * layer + 4 * h + a * h + (a + 12) * cfg.vocab_size
-        n = sum(p.numel() for p in self.parameters())
-        need = dict(weights=n * (4 if a == 4 else 6), gradients=4 * n, optimizer=8 * n,
-                    activations=per_token * batch_size * cfg.block_size)
-        return dict(need, total=sum(need.values()))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None, use_cache=True):

@@ -22,13 +22,13 @@ assistant's tokens) and <split>_starts.bin (uint64 offsets where each conversati
 small next to pretraining corpora (Alpaca: 52k records, 20 MB), so they are read in one process, in memory.
 --tokenizer=data/<dataset> reuses exactly the tokenizer of a prepared dataset (the one a base model learned).
 
-The tokenizers themselves live in tokenizer.py; importing this file does nothing but define things.
+The tokenizers themselves live in tokenizer.py (also the ones this makes: a trained BPE, a chat dataset's),
+downloads in downloads.py; importing this file does nothing but define things.
 """
 
 import argparse
 import collections
 import glob
-import http.client
 import json
 import os
 import re
@@ -36,15 +36,13 @@ import shutil
 import signal
 import sys
 import time
-import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from tokenizer import (DATA_DIR, GPT2_EOT, DataError, Tokenizer, chat_template, conversation_messages, eot_of,
-                       find_files, gpt2_encoding, hf_tokenizer, load_meta, load_tokenizer, need)
-
-HF_ENDPOINT = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')  # mirrors set HF_ENDPOINT
+from downloads import HF_ENDPOINT, download, hub_batches
+from tokenizer import (DATA_DIR, GPT2_EOT, DataError, Tokenizer, chat_tokenizer, conversation_messages, eot_of,
+                       find_files, gpt2_encoding, read_conversations, tokenizers_file)
 
 # the named datasets: their text (files at url + name, kept in data/<folder or name>/; or a hub dataset),
 # how documents are separated, the default tokenizer
@@ -73,23 +71,6 @@ CHUNK_BYTES = 1 << 20  # text is encoded in chunks of ~1 MB: small enough to spr
 
 # -----------------------------------------------------------------------------
 # finding the text, and cutting it into chunks: the unit of work of an encoding process
-
-def download(url, path):
-    """Stream url to path (via a temporary file, so an interrupted download leaves nothing)."""
-    print(f"downloading {url}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(path + '.tmp', 'wb') as f:
-            shutil.copyfileobj(r, f, 1 << 20)
-    except BaseException as e:  # a failure, or Ctrl-C: no partial file is left
-        if os.path.exists(path + '.tmp'):
-            os.remove(path + '.tmp')
-        if not isinstance(e, (OSError, http.client.HTTPException)):  # HTTPException: a connection cut mid-file
-            raise
-        raise DataError(f"cannot download {url} ({getattr(e, 'reason', e)}). Without access to it, put the file "
-                        f"at {path} yourself, or pass its path with --input (and --val_input)") from None
-    os.replace(path + '.tmp', path)
-
 
 def is_conversations(pattern):
     """--input names conversations: .jsonl/.json files, or a folder holding them (and no .txt)."""
@@ -144,21 +125,6 @@ def count_documents(files, separator):
                 tail = block[-(len(sep) - 1):] if len(sep) > 1 else b''
         n += max(count, 1)
     return n
-
-
-def hub_batches(repo, n=256, column='text'):
-    """Lists of n documents of a Hugging Face hub dataset, streamed (only its parquet files are cached);
-    column=None: lists of whole records (dicts)."""
-    datasets = need('datasets', 'datasets')
-    datasets.logging.set_verbosity_error()  # the error below says it in one line; no retry warnings
-    need('huggingface_hub', 'huggingface_hub').utils.logging.set_verbosity_error()
-    try:
-        rows = datasets.load_dataset(repo, split='train', streaming=True, revision='refs/convert/parquet')
-        for batch in rows.iter(batch_size=n):
-            yield batch[column] if column else [dict(zip(batch, row)) for row in zip(*batch.values())]
-    except Exception as e:  # datasets raises many kinds: connection, HTTP, offline mode, ...
-        raise DataError(f"cannot read {repo} from the hub at {HF_ENDPOINT} ({type(e).__name__}: {e}). Without "
-                        f"access to it, put the text in .txt files and pass them with --input=FOLDER") from None
 
 
 # -----------------------------------------------------------------------------
@@ -240,19 +206,6 @@ def progress_bar():
     return tqdm(unit='tok', unit_scale=True, smoothing=0.1)
 
 
-def train_bpe(texts, vocab_size, path):
-    """Train a byte-level BPE tokenizer (GPT-2's kind) on the text with Hugging Face tokenizers."""
-    tk = need('tokenizers', 'tokenizers')
-    tok = tk.Tokenizer(tk.models.BPE())
-    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tk.decoders.ByteLevel()
-    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<|endoftext|>'],
-                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.save(path)
-    return tok
-
-
 # -----------------------------------------------------------------------------
 
 def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, separator=None,
@@ -266,7 +219,10 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
         raise DataError(f"--val_fraction must be between 0 and 1, not {val_fraction}")
     if spec.get('chat') or (input and is_conversations(input)):
         files = find_files(input, CHAT_FILES) if input else [os.path.join(DATA_DIR, name, f) for f in spec.get('files', [])]
-        records = lambda: read_records(files, val_input and find_files(val_input, CHAT_FILES), spec.get('hub'))
+        if spec.get('hub') and not files:  # a hub dataset's records (where None: a malformed one is skipped, and counted)
+            records = lambda: ((None, 'auto', r) for batch in hub_batches(spec['hub'], column=None) for r in batch)
+        else:  # --val_input's validate; the others are split ('auto')
+            records = lambda: read_conversations(files, val_input and find_files(val_input, CHAT_FILES))
         return write_dataset(out_dir, lambda tmp: encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp))
     if tokenizer not in ('char', 'gpt2', 'bpe'):  # a tokenizer.json, or a model folder holding one (e.g. Qwen2's)
         tokenizer = os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer
@@ -287,7 +243,8 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
             paths = [os.path.join(DATA_DIR, spec.get('folder', name), f) for f in spec['files']]
             for path, f in zip(paths, spec['files']):
                 if not os.path.isfile(path):
-                    download(spec['url'] + f, path)
+                    download(spec['url'] + f, path, f". Without access to it, put the file at {path} yourself, "
+                                                    f"or pass its path with --input (and --val_input)")
             train_files, val_files = paths[:1], paths[1:]
         else:
             raise DataError(f"unknown dataset '{name}' (known: {', '.join(sorted(DATASETS))}); "
@@ -319,7 +276,8 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
 
 
 def write_dataset(out_dir, write):
-    """meta = write(tmp), which writes the dataset's files under the names tmp gives; then they replace the old ones."""
+    """meta = write(tmp), which writes the dataset's files under the names tmp gives, and meta.json; then they
+    replace the old ones."""
     # every file is written as .tmp and renamed at the end, so an old dataset stays whole until the new
     # one is complete; on any error, or Ctrl-C, the .tmp files go, and so does a folder this run created
     created = not os.path.isdir(out_dir)
@@ -327,6 +285,8 @@ def write_dataset(out_dir, write):
     tmp = {f: os.path.join(out_dir, f + '.tmp') for f in ('train.bin', 'val.bin', 'tokenizer.json', *CHAT_BINS, 'meta.json')}
     try:
         meta = write(tmp)
+        with open(tmp['meta.json'], 'w', encoding='utf-8') as f:
+            json.dump(meta, f, ensure_ascii=False, indent=1)
     except BaseException:
         for path in tmp.values():
             if os.path.exists(path):
@@ -359,7 +319,7 @@ def training_texts(tasks, k):
 
 
 def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, separator, errors, out_dir, tmp):
-    """Make the tokenizer, encode every task and write train.bin, val.bin and meta.json (as .tmp files)."""
+    """Make the tokenizer, encode every task and write train.bin and val.bin (as .tmp files); returns meta.json's dict."""
     init = (None, out_dir, None, separator, errors)  # _init_worker's arguments, without a tokenizer yet
     eot = None
     if tokenizer == 'char':  # the characters of the whole text, collected in parallel; sorted gives nanoGPT's ids
@@ -370,13 +330,9 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
     else:
         if tokenizer == 'bpe':
             print(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens")
-            _init_worker(*init)
-            tok = train_bpe(training_texts(tasks(), k), vocab_size, tmp['tokenizer.json'])
-        else:
-            tok = hf_tokenizer(tokenizer)
-            tok.save(tmp['tokenizer.json'])
-        tok_spec, vocab = dict(type='tokenizers', file='tokenizer.json'), tok.get_vocab_size()
-        eot = eot_of(tok)
+            _init_worker(*init)  # training_texts reads the tasks as a worker does
+        tok = tokenizers_file(tokenizer, lambda: training_texts(tasks(), k), vocab_size, tmp['tokenizer.json'])
+        tok_spec, vocab, eot = dict(type='tokenizers', file='tokenizer.json'), tok.get_vocab_size(), eot_of(tok)
     if n_docs == 1:
         eot = None  # a single text has no document ends to learn (and keeps nanoGPT's token counts)
 
@@ -409,8 +365,6 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
         raise DataError("the input has no text to train on (is it only whitespace?)")
     meta = dict(vocab_size=vocab, dtype=dtype, train_tokens=counts['train'], val_tokens=counts['val'],
                 tokenizer=tok_spec, eot_id=eot)
-    with open(tmp['meta.json'], 'w', encoding='utf-8') as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
     dt = time.time() - t0
     print(f"{name}: vocab {vocab:,}, {counts['train']:,} train and {counts['val']:,} val tokens ({dtype}) "
           f"in {out_dir}; {(counts['train'] + counts['val']) / dt:,.0f} tokens/s on {workers} process(es)")
@@ -420,35 +374,8 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
 # -----------------------------------------------------------------------------
 # conversations: records of known shapes (tokenizer.conversation_messages) through the chat template
 
-def read_records(files, val_files, hub):
-    """(where, split, record) of each record: where is 'FILE:LINE' (None for a hub dataset's records, which are
-    skipped, and counted, when malformed); split is 'val' for --val_input's, else 'auto'."""
-    if hub and not files:
-        for batch in hub_batches(hub, column=None):
-            yield from ((None, 'auto', r) for r in batch)
-        return
-    for split, paths in (('auto', files), ('val', val_files or [])):
-        for path in paths:
-            try:
-                with open(path, encoding='utf-8') as f:
-                    lines = list(enumerate(f, 1)) if path.endswith('.jsonl') else [(1, f.read())]
-                records = []
-                for n, line in lines:
-                    if line.strip():
-                        data = json.loads(line)
-                        records += [(f"{path}:{n}", data)] if path.endswith('.jsonl') else \
-                            [(f"{path}: record {i + 1}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
-            except json.JSONDecodeError as e:
-                n = n if path.endswith('.jsonl') else e.lineno
-                raise DataError(f"{path}:{n} is not JSON ({e.msg}): a .jsonl file holds one record per line, a .json "
-                                f"file one record or an array of them") from None
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-            yield from ((where, split, r) for where, r in records)
-
-
 def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp):
-    """The chat template over every conversation: ids, masks and starts of both splits, meta.json (as .tmp files).
+    """The chat template over every conversation: ids, masks and starts of both splits (as .tmp files), and meta.json's dict.
     Every k-th conversation validates. Conversations are stored whole: train.py cuts one that outgrows a row."""
     out_dir = os.path.dirname(tmp['meta.json'])
     convs, skipped = [], 0
@@ -468,45 +395,8 @@ def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp
         raise DataError(f"the input has {len(convs)} conversation(s); at least 2 are needed (one trains, one validates)")
     texts = lambda: (m['content'] for s, msgs in convs if s == 'train' for m in msgs)
 
-    # the base tokenizer: its ids keep their meaning; the new ones (characters, the markers) follow them
-    template, eot = None, None
-    if tokenizer.startswith('data/'):  # exactly the tokenizer of a prepared dataset (a base model's)
-        base_dir = os.path.join(DATA_DIR, tokenizer[len('data/'):])
-        try:
-            base = load_meta(base_dir)
-        except DataError as e:
-            raise DataError(f"--tokenizer={tokenizer}: {e}") from None
-        spec, eot, template = base['tokenizer'], base.get('eot_id'), base.get('chat')  # a chat dataset's: as it is
-        base_vocab = template['base_vocab_size'] if template else base['vocab_size']
-        if spec['type'] == 'tokenizers':
-            shutil.copy(os.path.join(base_dir, spec['file']), tmp['tokenizer.json'])
-            spec = dict(spec, file='tokenizer.json')
-    elif tokenizer == 'char':
-        spec, base_vocab = dict(type='char', chars=[]), None
-    elif tokenizer == 'gpt2':
-        spec, eot, base_vocab = dict(type='gpt2'), GPT2_EOT, gpt2_encoding().n_vocab
-    else:
-        if tokenizer == 'bpe':
-            tok = train_bpe(texts(), vocab_size, tmp['tokenizer.json'])
-        else:
-            tok = hf_tokenizer(os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer)
-            tok.save(tmp['tokenizer.json'])
-        spec, eot, base_vocab = dict(type='tokenizers', file='tokenizer.json'), eot_of(tok), tok.get_vocab_size()
-    if spec['type'] == 'char':  # characters the base never saw: appended, in sorted order
-        new = sorted(set().union(*(m['content'] for _, msgs in convs for m in msgs)) - set(spec['chars']))
-    if spec['type'] == 'char' and template is not None and new:  # its markers follow its characters: no room
-        raise DataError(f"the conversations have {len(new)} characters {tokenizer}'s vocabulary lacks "
-                        f"({''.join(new[:20])!r}), and a chat dataset's cannot grow (its markers follow its "
-                        f"characters): use the dataset its base model learned, --tokenizer=data/<that dataset>")
-    if spec['type'] == 'char' and template is None:
-        base_vocab = len(spec['chars']) if base_vocab is None else base_vocab
-        if new and spec['chars']:
-            print(f"{len(new)} characters the base vocabulary of {base_vocab} lacks get ids {base_vocab}..: {''.join(new)!r}")
-        spec = dict(spec, chars=spec['chars'] + new)
-        base_vocab = base_vocab or len(spec['chars'])  # no base: its characters are the base
-    work_spec = dict(spec, file='tokenizer.json.tmp') if spec['type'] == 'tokenizers' else spec
-    template = template or chat_template(Tokenizer(work_spec, out_dir).n_vocab, base_vocab)
-    tok = Tokenizer(work_spec, out_dir, eot, template)
+    chars = lambda: set().union(*(m['content'] for _, msgs in convs for m in msgs))
+    tok, spec, eot, template = chat_tokenizer(tokenizer, texts, chars, vocab_size, DATA_DIR, tmp['tokenizer.json'])
 
     dtype = 'uint16' if tok.n_vocab <= 2 ** 16 else 'uint32'
     meta, lens = dict(vocab_size=tok.n_vocab, dtype=dtype), []
@@ -519,8 +409,6 @@ def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp
         meta.update({f'{split}_tokens': int(n.sum()), f'{split}_conversations': len(pairs)})
         lens += n.tolist()
     meta.update(tokenizer=spec, eot_id=eot, chat=template)
-    with open(tmp['meta.json'], 'w', encoding='utf-8') as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
     longer = ', '.join(f"{sum(n > b + 1 for n in lens):,} longer than {b}" for b in (256, 512, 1024))
     print(f"{name}: {meta['train_conversations']:,} train and {meta['val_conversations']:,} val conversations"
           f"{f' ({skipped:,} malformed records skipped)' if skipped else ''}, vocab {tok.n_vocab:,} (the chat "

@@ -12,16 +12,15 @@ Bits per byte (nanochat's val_bpb) compares any two models on the same text, wha
 a loss per token does not, since a BPE token holds ~4 characters and a character model's token one.
 """
 
-import http.client
 import json
 import math
 import os
-import urllib.request
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from downloads import download
 from tokenizer import DATA_DIR, DataError
 
 # -----------------------------------------------------------------------------
@@ -68,19 +67,9 @@ def hellaswag_file(path=''):
         if not os.path.isfile(path):
             raise DataError(f"HellaSwag file '{path}' not found")
         return path
-    if not os.path.isfile(HELLASWAG_FILE):
-        print(f"downloading {HELLASWAG_URL}", flush=True)
-        os.makedirs(os.path.dirname(HELLASWAG_FILE), exist_ok=True)
-        tmp = f'{HELLASWAG_FILE}.{os.getpid()}.tmp'  # one per process: under torchrun each may download
-        try:
-            with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as r, open(tmp, 'wb') as f:
-                f.write(r.read())  # 11 MB
-            os.replace(tmp, HELLASWAG_FILE)
-        except (OSError, http.client.HTTPException) as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise DataError(f"cannot download {HELLASWAG_URL} ({getattr(e, 'reason', e)}): put the file at "
-                            f"{HELLASWAG_FILE} yourself (eval.py also takes its path: --input=FILE)") from None
+    if not os.path.isfile(HELLASWAG_FILE):  # 11 MB
+        download(HELLASWAG_URL, HELLASWAG_FILE, f": put the file at {HELLASWAG_FILE} yourself (eval.py also takes "
+                                                f"its path: --input=FILE)")
     return HELLASWAG_FILE
 
 

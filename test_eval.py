@@ -137,7 +137,7 @@ def test_byte_level_bpe_and_char_token_bytes(tmp_path):
     """A byte-level BPE trained by prepare.py (Hugging Face tokenizers) and a character tokenizer: the table
     sums to the UTF-8 length of a text; the BPE's special token counts 0."""
     pytest.importorskip('tokenizers')
-    from prepare import train_bpe
+    from tokenizer import train_bpe
     train_bpe([MIXED], 300, str(tmp_path / 'tokenizer.json'))
     bpe = Tokenizer(dict(type='tokenizers', file='tokenizer.json'), str(tmp_path))
     chars = Tokenizer(dict(type='char', chars=sorted(set(MIXED))))

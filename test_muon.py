@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from muon import make_optimizer
 from test_model import one_thread, random_idx, tiny  # noqa: F401 (one_thread is an autouse fixture)
 from test_resume import assert_same_weights, torchrun, weights
 from test_scripts import TINY, assert_one_line_error, logged, repo, run  # noqa: F401 (repo is a fixture)
@@ -22,7 +23,7 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_the_rest():
     whatever the gradient's spread; AdamW's first step moves every other weight by lr (|m / sqrt(v)| = 1)."""
     m = tiny(n_embd=32, n_head=2)
     m.train()
-    opt = m.configure_optimizers(0.0, 1e-3, (0.9, 0.95), 'cpu', 'muon', muon_learning_rate=0.02)
+    opt = make_optimizer(m, 0.0, 1e-3, (0.9, 0.95), 'cpu', 'muon', muon_learning_rate=0.02)
     muon, adamw = opt.optimizers
     assert {id(p) for p in muon.param_groups[0]['params']} == {id(p) for p in m.transformer.h.parameters()
                                                                 if p.dim() == 2}
@@ -47,7 +48,7 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_the_rest():
     # the state of both in one torch.optim-format dict, loaded back into a fresh pair
     sd = opt.state_dict()
     assert len(sd['state']) == len(list(m.parameters())) and len(sd['param_groups']) == 3
-    again = tiny(n_embd=32, n_head=2).configure_optimizers(0.0, 1e-3, (0.9, 0.95), 'cpu', 'muon')
+    again = make_optimizer(tiny(n_embd=32, n_head=2), 0.0, 1e-3, (0.9, 0.95), 'cpu', 'muon')
     again.load_state_dict(sd)
     for a, b in zip(again.state_dict()['state'].values(), sd['state'].values()):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

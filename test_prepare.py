@@ -25,7 +25,7 @@ from test_scripts import ROOT, TINY, assert_one_line_error, copy_scripts, run
 
 sys.path.insert(0, ROOT)
 import prepare  # noqa: E402
-from tokenizer import gpt2_encoding  # noqa: E402
+from tokenizer import gpt2_encoding, train_bpe  # noqa: E402
 
 tokenizers = pytest.importorskip('tokenizers', reason='pip install -r requirements-test.txt')
 
@@ -258,7 +258,7 @@ def test_chunks_encode_to_the_tokens_of_the_whole(tmp_path, monkeypatch):
     parts = [raw[s:e].decode() for s, e, _ in cuts]
     enc = gpt2_encoding()
     assert [i for p in parts for i in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
-    bpe = prepare.train_bpe([text], 500, str(tmp_path / 'tok.json'))
+    bpe = train_bpe([text], 500, str(tmp_path / 'tok.json'))
     assert [i for p in parts for i in bpe.encode(p).ids] == bpe.encode(text).ids
 
 

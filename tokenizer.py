@@ -21,9 +21,11 @@ encode_conversation(messages) gives a conversation's ids and its loss mask (1: a
 the assistant's content and its <|end|>); render_prompt(history) the ids a reply continues. Text that
 spells a marker ('<|user|>') encodes as ordinary text: only the template puts the special ids in.
 
-prepare.py writes datasets with them; train.py, sample.py, chat.py, eval.py, export_hf.py and checkpoint.py read
-them. token_bytes() says how many UTF-8 bytes of text each id stands for, which bits per byte divides by.
-Nothing here downloads, and reading a dataset never runs code (JSON; nanoGPT's meta.pkl as plain data).
+prepare.py writes datasets with them, making new tokenizers (train_bpe, tokenizers_file, chat_tokenizer) and
+reading conversation files (read_conversations) here; train.py, sample.py, chat.py, eval.py, export_hf.py and
+checkpoint.py read them. token_bytes() says how many UTF-8 bytes of text each id stands for, which bits per
+byte divides by. Nothing here downloads (downloads.py does), and reading a dataset never runs code (JSON;
+nanoGPT's meta.pkl as plain data).
 """
 
 import base64
@@ -33,6 +35,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 
 import numpy as np
 
@@ -261,6 +264,30 @@ def conversation_messages(record):
     return [dict(role=r, content=c) for r, c in turns]
 
 
+def read_conversations(files, val_files=()):
+    """(where, split, record) of each record of conversation files (a .jsonl file: one record a line; a .json
+    file: one record or an array of them): where is 'FILE:LINE' for a message, split 'val' for val_files' and
+    'auto' (split by prepare.py) for the others'. A file that is not JSON or not UTF-8 is a DataError naming it."""
+    for split, paths in (('auto', files), ('val', val_files or [])):
+        for path in paths:
+            try:
+                with open(path, encoding='utf-8') as f:
+                    lines = list(enumerate(f, 1)) if path.endswith('.jsonl') else [(1, f.read())]
+                records = []
+                for n, line in lines:
+                    if line.strip():
+                        data = json.loads(line)
+                        records += [(f"{path}:{n}", data)] if path.endswith('.jsonl') else \
+                            [(f"{path}: record {i + 1}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
+            except json.JSONDecodeError as e:
+                n = n if path.endswith('.jsonl') else e.lineno
+                raise DataError(f"{path}:{n} is not JSON ({e.msg}): a .jsonl file holds one record per line, a .json "
+                                f"file one record or an array of them") from None
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+            yield from ((where, split, r) for where, r in records)
+
+
 def gpt2_tokenizer():
     """GPT-2's own BPE, for GPT-2's weights (documents end with <|endoftext|>, 50256)."""
     return Tokenizer(dict(type='gpt2'), eot=GPT2_EOT)
@@ -347,3 +374,73 @@ def check_bins(data_dir, meta, splits=('train', 'val')):
             if os.path.getsize(path) != want:  # (nanoGPT's folders have no meta.json: there, only an odd size is caught)
                 raise DataError(f"{path} has {os.path.getsize(path):,} bytes, expected {count:,} {dtype} {what} = "
                                 f"{want:,} bytes (a copy cut short?): remake it with {remake(name)}")
+
+
+# -----------------------------------------------------------------------------
+# new tokenizers, for prepare.py's datasets
+
+
+def train_bpe(texts, vocab_size, path):
+    """Train a byte-level BPE tokenizer (GPT-2's kind) on the text with Hugging Face tokenizers."""
+    tk = need('tokenizers', 'tokenizers')
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<|endoftext|>'],
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.save(path)
+    return tok
+
+
+def tokenizers_file(tokenizer, texts, vocab_size, path):
+    """A Hugging Face tokenizers Tokenizer, saved at path: for 'bpe' a byte-level BPE of vocab_size tokens trained
+    on texts() (train_bpe); else the file tokenizer names (a tokenizer.json, or a folder holding one)."""
+    if tokenizer == 'bpe':
+        return train_bpe(texts(), vocab_size, path)
+    tok = hf_tokenizer(os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer)
+    tok.save(path)
+    return tok
+
+
+def chat_tokenizer(tokenizer, texts, chars, vocab_size, data_dir, path):
+    """A chat dataset's tokenizer: --tokenizer's, whose ids keep their meaning (a base model's), then the ids it
+    lacks after them: the characters of chars() it has not (a character vocabulary grows), then the chat
+    template's markers. tokenizer: 'data/<dataset>' (exactly that prepared dataset's, in data_dir; a chat
+    dataset's as it is), 'char', 'gpt2', 'bpe' (trained on texts()) or a tokenizers file or folder; a tokenizers
+    file is written to path (tokenizer.json.tmp, which prepare.py renames). Returns (the Tokenizer, meta.json's
+    "tokenizer" spec, the end-of-text id, the template)."""
+    out_dir, template, eot = os.path.dirname(path), None, None
+    if tokenizer.startswith('data/'):  # exactly the tokenizer of a prepared dataset (a base model's)
+        base_dir = os.path.join(data_dir, tokenizer[len('data/'):])
+        try:
+            base = load_meta(base_dir)
+        except DataError as e:
+            raise DataError(f"--tokenizer={tokenizer}: {e}") from None
+        spec, eot, template = base['tokenizer'], base.get('eot_id'), base.get('chat')  # a chat dataset's: as it is
+        base_vocab = template['base_vocab_size'] if template else base['vocab_size']
+        if spec['type'] == 'tokenizers':
+            shutil.copy(os.path.join(base_dir, spec['file']), path)
+            spec = dict(spec, file='tokenizer.json')
+    elif tokenizer == 'char':
+        spec, base_vocab = dict(type='char', chars=[]), None
+    elif tokenizer == 'gpt2':
+        spec, eot, base_vocab = dict(type='gpt2'), GPT2_EOT, gpt2_encoding().n_vocab
+    else:
+        tok = tokenizers_file(tokenizer, texts, vocab_size, path)
+        spec, eot, base_vocab = dict(type='tokenizers', file='tokenizer.json'), eot_of(tok), tok.get_vocab_size()
+    if spec['type'] == 'char':  # characters the base never saw: appended, in sorted order
+        new = sorted(chars() - set(spec['chars']))
+    if spec['type'] == 'char' and template is not None and new:  # its markers follow its characters: no room
+        raise DataError(f"the conversations have {len(new)} characters {tokenizer}'s vocabulary lacks "
+                        f"({''.join(new[:20])!r}), and a chat dataset's cannot grow (its markers follow its "
+                        f"characters): use the dataset its base model learned, --tokenizer=data/<that dataset>")
+    if spec['type'] == 'char' and template is None:
+        base_vocab = len(spec['chars']) if base_vocab is None else base_vocab
+        if new and spec['chars']:
+            print(f"{len(new)} characters the base vocabulary of {base_vocab} lacks get ids {base_vocab}..: {''.join(new)!r}")
+        spec = dict(spec, chars=spec['chars'] + new)
+        base_vocab = base_vocab or len(spec['chars'])  # no base: its characters are the base
+    work_spec = dict(spec, file=os.path.basename(path)) if spec['type'] == 'tokenizers' else spec
+    template = template or chat_template(Tokenizer(work_spec, out_dir).n_vocab, base_vocab)
+    return Tokenizer(work_spec, out_dir, eot, template), spec, eot, template

@@ -13,12 +13,9 @@ override them (configurator.py); python train.py --help lists them all. The scri
 to bottom: settings, setup, data, model, optimizer, the loop's helpers, then the training loop.
 """
 
-import atexit
 import contextlib
-import dataclasses
 import math
 import os
-import signal
 import sys
 import time
 
@@ -27,12 +24,14 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from checkpoint import (CheckpointError, RunLock, check_resume, from_pretrained, full_state, grow_for_chat,
-                        load_checkpoint, restore_optimizer, save_checkpoint, split_model_args)
-from devices import (autocast_context, check_accumulation, compile_checked, device_memory, end_processes, fork_rng,
-                     human_bytes, is_out_of_memory, memory_fix, memory_summary, peak_flops, pick_backend, pick_compile,
-                     pick_device, pick_dtype, pick_flash, step_seed, use_device, without_fused)
+from checkpoint import (CheckpointError, full_state, hold_out_dir, resume_optimizer, save_checkpoint, split_model_args,
+                        train_model)
+from devices import (StopSignals, autocast_context, check_accumulation, compile_checked, device_memory, end_processes,
+                     estimate_memory, exit_on_oom, fail_together, fork_rng, grad_scaler, memory_report, peak_flops,
+                     pick_backend, pick_compile, pick_device, pick_dtype, pick_flash, shard, step_seed, use_device,
+                     without_fused)
 from model import GPT, GPTConfig
+from muon import make_optimizer
 from plot import RunLog
 from scoring import bits_per_byte, hellaswag_counts, hellaswag_file, read_hellaswag, render_hellaswag, score_sums
 from tokenizer import DATA_DIR, DataError, check_bins, load_meta, load_tokenizer
@@ -76,7 +75,7 @@ swiglu = False  # SwiGLU MLP instead of GELU, about the same parameter count
 n_kv_head = 0  # key/value heads, grouped-query attention: 0 = n_head (plain), 1 = multi-query
 qk_norm = False  # RMS-normalise each head's queries and keys
 # optimizer
-optimizer = 'adamw'  # 'adamw' | 'muon': Muon for the blocks' weight matrices, AdamW for the rest (model.py)
+optimizer = 'adamw'  # 'adamw' | 'muon': Muon for the blocks' weight matrices, AdamW for the rest (muon.py)
 muon_learning_rate = 0.02  # Muon's peak learning rate (Keller Jordan's write-up, nanochat); the schedule scales it too
 learning_rate = 6e-4  # peak learning rate (AdamW's)
 max_iters = 600000  # optimizer steps in total
@@ -131,36 +130,10 @@ device_type = device.split(':')[0]  # 'cuda' | 'mps' | 'cpu', for autocast and t
 torch.manual_seed(seed)  # the same on every process: the same initial weights everywhere
 torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere+ GPUs; no effect on the CPU
 ctx = autocast_context(device, dtype)
-try:  # found now, rather than when the first checkpoint is due
-    os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise PermissionError(13, 'Permission denied')
-except OSError as e:
-    fail(f"cannot write to out_dir '{out_dir}' ({e.strerror}): choose another with --out_dir=PATH")
-
-
-def fail_together(message):
-    """Every process calls it; if one has a message (the others None), it is said and all stop, together. Said
-    before the others learn of it: torchrun stops the rest as soon as one exits, which could cut it off."""
-    if message is not None:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    flag = torch.tensor(float(message is not None), device=device)
-    if ddp:
-        dist.all_reduce(flag)
-    if flag.item() > 0:
-        sys.exit(1)
-
-
-lock = busy = None
-try:  # one run per out_dir: the master holds its lock (torchrun's other processes share it) until the run exits
-    lock = RunLock(out_dir) if master else None
+try:  # one run per out_dir, which must be writable: found now, rather than when the first checkpoint is due
+    lock = hold_out_dir(out_dir, master, device, ddp, log)  # checkpoint.py
 except ValueError as e:
-    busy = e
-fail_together(busy)
-if lock is not None:
-    atexit.register(lock.release)
-    if lock.notice:  # a killed run's lock taken over, or none possible here
-        log(lock.notice)
+    fail(e)
 
 # -----------------------------------------------------------------------------
 # data
@@ -168,10 +141,6 @@ data_dir = os.path.join(DATA_DIR, dataset)
 try:  # meta.json whole, and each .bin as long as it says (a chat dataset's masks and starts too)
     meta = load_meta(data_dir)
     check_bins(data_dir, meta)
-except DataError as e:
-    fail(e)
-chat = 'chat' in meta  # conversations: a mask of the targets and the conversations' starts beside the ids
-try:
     tok = load_tokenizer(meta, data_dir)
     token_bytes = torch.tensor(tok.token_bytes(), device=device)  # UTF-8 bytes per id, for bits per byte
     if eval_hellaswag and meta['tokenizer']['type'] != 'gpt2':
@@ -180,6 +149,7 @@ try:
     hellaswag = read_hellaswag(hellaswag_file(), eval_hellaswag) if eval_hellaswag > 0 else []  # now, not later
 except DataError as e:
     fail(e)
+chat = 'chat' in meta  # conversations: a mask of the targets and the conversations' starts beside the ids
 if eval_sample:
     try:  # now, not at the first evaluation
         sample_ids = tok.encode(eval_sample)
@@ -219,22 +189,16 @@ def get_batch(split, stream):
 # -----------------------------------------------------------------------------
 # model
 iter_num, best_val_loss = 0, float('inf')  # optimizer steps taken so far; the lowest val loss yet
-memory, stage = device_memory(device), 'building the model'  # bytes this process may use; where it is, for on_oom
+memory, stage = device_memory(device), 'building the model'  # bytes this process may use; where it is, for oom_where
 
 
-def on_oom(kind, e, traceback):
-    """Out of memory anywhere (the model, a step, an evaluation): one line saying where, the estimate and the fix,
-    not a traceback; exit status 1. Nothing was saved, so the checkpoints on disk are those from before."""
-    if not is_out_of_memory(e):
-        return sys.__excepthook__(kind, e, traceback)
+def oom_where():
+    """Where the run is (stage) and what a step needs, for an out-of-memory error (exit_on_oom)."""
     with torch.device('meta'):  # the model's shape, without its memory
-        need = GPT(GPTConfig(**model_args)).estimate_memory(batch_size, dtype)
-    fix = memory_fix(need, memory, batch_size, gradient_accumulation_steps, world, stage == 'building the model')
-    print(f"error: out of memory {stage} on {device} ({type(e).__name__}); a step needs {memory_summary(need)} "
-          f"by the estimate, of {human_bytes(memory or 0)} available: {fix}", file=sys.stderr)
+        return stage, estimate_memory(GPT(GPTConfig(**model_args)), batch_size, dtype)
 
 
-sys.excepthook = on_oom
+sys.excepthook = exit_on_oom(oom_where, device, memory, batch_size, gradient_accumulation_steps, world)
 # GPUs run matmuls fastest on multiples of 64: GPT-2's 50257 tokens become 50304 (the extra rows are never
 # a target, so training pushes their logits down; sample.py never draws them). Below 4096 tokens the matmul
 # is too small for this to matter: small vocabularies stay exact, a character model's first loss is ln(65) = 4.17.
@@ -242,81 +206,17 @@ vocab_size = meta['vocab_size'] if meta['vocab_size'] < 4096 else 64 * math.ceil
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                   vocab_size=vocab_size, bias=bias, dropout=dropout, flash=flash,
                   rope=rope, rmsnorm=rmsnorm, swiglu=swiglu, n_kv_head=n_kv_head, qk_norm=qk_norm)
-checkpoint = None
-if init_from == 'scratch':
-    log(f"a new model from scratch, vocab_size {vocab_size}")
-    try:
-        model = GPT(GPTConfig(**model_args))
-    except ValueError as e:
-        fail(e)
-elif init_from == 'resume':
-    # last.pt is the latest state; a folder written by nanoGPT (or with last.pt deleted) has ckpt.pt
-    ckpt_path = next((p for p in (os.path.join(out_dir, f) for f in ('last.pt', 'ckpt.pt')) if os.path.isfile(p)), None)
-    if ckpt_path is None:
-        fail(f"no checkpoint to resume in {out_dir}: train with --init_from=scratch first, or fix --out_dir")
-    log(f"resuming from {ckpt_path}")
-    try:  # dropout and the attention path may change on resume; the weights' shapes may not
-        model, checkpoint = load_checkpoint(ckpt_path, 'cpu' if ddp and fsdp else device, dropout=dropout, flash=flash,
-                                            mmap=ddp and fsdp or device_type != 'cpu')  # checkpoint.py
-    except ValueError as e:
-        fail(e)
-    try:  # its shape and vocabulary stay; what may change is allowed, and said
-        changes = check_resume(checkpoint, model, model_args, (vocab_size, meta['vocab_size']), config)
-    except ValueError as e:
-        fail(e)
-    log(''.join(f"  {change}\n" for change in changes), end='')
-    model_args = dataclasses.asdict(model.config)  # model_args and arch (checkpoint.py), with today's dropout, flash
-    if checkpoint['config'].get('init_from', 'scratch') not in ('scratch', 'resume'):
-        config['init_from'] = checkpoint['config']['init_from']  # GPT-2's weights: where they came from, kept
+try:  # the model init_from names, from scratch, resumed or another's weights (checkpoint.py)
+    model, model_args, checkpoint = train_model(init_from, out_dir, model_args, meta, config, device, ddp and fsdp, log)
+except (ValueError, ImportError) as e:
+    fail(e)
+if checkpoint is not None:  # resumed: the run goes on from its iteration (and its random state: train_model)
     iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])  # nanoGPT saved a tensor
-    # dropout continues as if never stopped (a CPU tensor, whatever map_location did)
-    if 'rng_state' in checkpoint:
-        torch.set_rng_state(checkpoint['rng_state'].cpu())
-    if device_type == 'cuda' and 'cuda_rng_state' in checkpoint:
-        torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
-elif init_from.endswith('.pt'):  # another run's checkpoint, to finetune: its weights and shape, a fresh optimizer
-    log(f"initialising from {init_from} (its weights; iteration 0, a new optimizer)")
-    try:
-        model, base = load_checkpoint(init_from, device, dropout=dropout, flash=flash)
-    except ValueError as e:
-        fail(e)
-    if block_size < model.config.block_size:
-        model.crop_block_size(block_size)
-    model_args = dataclasses.asdict(model.config)
-elif init_from.startswith('gpt2') or os.path.isdir(init_from):  # GPT-2's weights: from the hub, or an HF folder
-    if meta['tokenizer']['type'] != 'gpt2':
-        fail(f"init_from={init_from} needs data in GPT-2's BPE, but data/{dataset} is tokenized as "
-             f"'{meta['tokenizer']['type']}': prepare it with --tokenizer=gpt2")
-    log(f"initialising from GPT-2's weights: {init_from}")
-    try:
-        model = from_pretrained(init_from, dict(dropout=dropout, flash=flash))
-    except (ValueError, ImportError) as e:
-        fail(e)
-    if block_size < model.config.block_size:
-        model.crop_block_size(block_size)  # GPT-2 has 1024 positions; fewer train faster
-    model_args = dataclasses.asdict(model.config)  # GPT-2's shape (vocab 50257, tanh GELU), for the checkpoint
-    base = None
-else:
-    fail(f"init_from must be 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
-         f"Hugging Face folder, not '{init_from}'")
-if chat and init_from not in ('scratch', 'resume'):  # ids the base never learned: the markers, new characters
-    try:
-        known, added = grow_for_chat(model, base, meta, vocab_size)
-    except (ValueError, DataError) as e:
-        fail(f"{e}: prepare the conversations with --tokenizer=data/<the dataset the model learned>")
-    model_args['vocab_size'] = model.config.vocab_size
-    log(f"the embedding and the tied lm_head grow by {added} rows to {vocab_size:,}; ids {known:,}.."
-        f"{meta['vocab_size'] - 1:,} (the chat template's tokens, new characters) start at the mean of the others")
-base = None
 if not (ddp and fsdp):  # FSDP moves each Block to the GPU as it shards it: the whole model is never there
     model.to(device)
 block_size = config['block_size'] = model.config.block_size  # resolved (a checkpoint's, GPT-2's), for the checkpoint
 log(f"{model.get_num_params() / 1e6:.2f}M parameters")
-need = model.estimate_memory(batch_size, dtype)  # the formula is in model.py
-log(f"memory a step needs, estimated: {memory_summary(need)} in {dtype}; {human_bytes(memory or 0)} available")
-if memory and need['total'] > memory:
-    log(f"warning: more than there is, expect an out-of-memory error: "
-        f"{memory_fix(need, memory, batch_size, gradient_accumulation_steps, world)}")
+log(memory_report(model, memory, batch_size, dtype, gradient_accumulation_steps, world))  # devices.py
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 log(f"device {device}, dtype {dtype}, flash={flash}, {world} process(es); {tokens_per_iter:,} tokens per iteration "
     f"({gradient_accumulation_steps} x {batch_size} x {block_size})")
@@ -333,13 +233,7 @@ if chat:
 
 raw_model = model  # the plain module: its state_dict names have no '_orig_mod.' or 'module.' prefix
 if ddp and fsdp:
-    # FSDP2: each process keeps 1/world of every parameter; a Block's full weights are gathered just before
-    # it runs and freed after, so the model, its gradients and AdamW's two moments need not fit on one device
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    for block in raw_model.transformer.h:
-        fully_shard(block)
-    fully_shard(raw_model)
+    shard(raw_model)  # FSDP2: each process keeps 1/world of every parameter (devices.py)
 if compile:  # after fully_shard, so that its hooks are compiled with the model (docs/devices.md)
     log("compiling the model (a minute or so the first time)")
     model = compile_checked(model, get_batch('train', (seed, 0, iter_num, rank * micro_steps)), ctx, device, log)
@@ -350,20 +244,17 @@ if ddp and not fsdp:  # DDP: every process holds the whole model; gradients are 
 # -----------------------------------------------------------------------------
 # optimizer and gradient scaler
 try:  # the setting optimizer ('adamw' | 'muon', still in config) becomes the optimizer itself
-    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
-                                               muon_learning_rate)
+    optimizer = make_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                               muon_learning_rate)
 except ValueError as e:
     fail(e)
 if ddp and fsdp and dtype == 'float16':  # the fused step fails with ShardedGradScaler (PyTorch issue 140514)
     optimizer = without_fused(optimizer)
-# float16's narrow range underflows small gradients: scale the loss up, unscale before the step.
-# bfloat16 has float32's range and needs no scaler; enabled=False makes it a no-op.
-GradScaler = ShardedGradScaler if ddp and fsdp else torch.amp.GradScaler  # sharded: agrees on overflow across processes
-scaler = GradScaler(device_type, enabled=(dtype == 'float16'))
+scaler = grad_scaler(device_type, dtype, ddp and fsdp)  # float16's loss scaling (devices.py); else a no-op
 
 
 # -----------------------------------------------------------------------------
-# helpers of the training loop: checkpoints, evaluation, the schedule, signals
+# helpers of the training loop: checkpoints, evaluation, the schedule
 def save(names):
     """Write the run's state as plain tensors to out_dir/name for each of names (under FSDP every process calls it)."""
     model_sd, optim_sd = full_state(raw_model, optimizer, ddp and fsdp)  # FSDP: gathered on the master only
@@ -385,7 +276,7 @@ def save(names):
                                          f"command with --init_from=resume" if saved_at is not None else
                                          "this run has not saved a checkpoint yet: make space and start again")
         dt = time.perf_counter() - t  # torchrun SIGKILLs 30 s after its SIGTERM: a signal's save must fit (docs/devices.md)
-    fail_together(error)  # no process goes on without the checkpoint
+    fail_together(error, device, ddp)  # no process goes on without the checkpoint
     log(f"saved {', '.join(names)} at iteration {iter_num} ({dt:.1f} s)" + (
         "; under torchrun a preempted run has 30 s to save: see docs/devices.md" if dt > 10 else ""))
 
@@ -427,28 +318,11 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def on_signal(signum, frame):
-    """SIGTERM (a cluster preempting the job, `kill`) and SIGINT (Ctrl-C): stop at this step, with a checkpoint."""
-    global stop_signal
-    if stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
-        raise KeyboardInterrupt
-    stop_signal = signal.Signals(signum).name
-    log(f"{stop_signal}: stopping at this step, with a checkpoint")
-
-
 # -----------------------------------------------------------------------------
 # training loop: a resumed run's optimizer state, the run's logs, then the steps
-if checkpoint is not None:  # Adam's moments (and Muon's); its settings are today's
-    optim_sd = checkpoint.get('optimizer') or {}  # none, or no state (saved before the first update): the fresh one
-    if checkpoint['config'].get('optimizer', 'adamw') != config['optimizer']:
-        log(f"optimizer {checkpoint['config'].get('optimizer', 'adamw')} in the checkpoint, now {config['optimizer']}: "
-            f"its state starts afresh")
-        optim_sd = {}
-    if optim_sd.get('state'):  # its settings (learning rate, betas, the fused kernel) stay today's
-        restore_optimizer(raw_model, optimizer, optim_sd, ddp and fsdp)
-    if scaler.is_enabled() and checkpoint.get('scaler'):  # float16 on both runs: keep the loss scale it found
-        scaler.load_state_dict(checkpoint['scaler'])
-checkpoint = optim_sd = None  # free the memory the loaded tensors hold
+if checkpoint is not None:  # Adam's moments (and Muon's), float16's loss scale; their settings are today's
+    resume_optimizer(checkpoint, config, raw_model, optimizer, scaler, ddp and fsdp, log)
+checkpoint = None  # free the memory the loaded tensors hold
 peak, peak_name = peak_flops(device)
 log(f"MFU is measured against the {peak_name}" if peak else f"MFU not shown: {peak_name}")
 if wandb_log and master:
@@ -460,9 +334,7 @@ if wandb_log and master:
 saved_at = iter_num if init_from == 'resume' else None  # the iteration of this run's last.pt on disk
 run_log = RunLog(out_dir, resume_at=iter_num if init_from == 'resume' else 0, plot=plot) if master else None
 record = run_log.record if master else (lambda **fields: None)  # a line of out_dir/log.jsonl (plot.py draws it)
-stop_signal = None  # 'SIGTERM' or 'SIGINT' once one asks the run to stop (on_signal)
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
+stop = StopSignals(log)  # stop.name: 'SIGTERM' or 'SIGINT' once one asks the run to stop at this step (devices.py)
 t0 = watched_at = time.perf_counter()
 while True:
     # the random state this iteration starts from (dropout draws from it): what a checkpoint saved during the
@@ -470,7 +342,7 @@ while True:
     rng_state = torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == 'cuda' else None
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
-        group['lr'] = lr * group['lr_scale']  # Muon's groups at their own peak (model.py)
+        group['lr'] = lr * group['lr_scale']  # Muon's groups at their own peak (muon.py)
 
     # evaluate, log, save
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
@@ -537,7 +409,7 @@ while True:
             scaler.scale(loss).backward()  # gradients add up across micro-steps, and across processes at the last
         loss_sum += loss.detach()
     # one small exchange per step: the mean loss, and whether any process was signalled (all stop at the same step)
-    flags = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
+    flags = torch.stack([loss_sum, torch.tensor(float(stop.name is not None), device=device)])
     if ddp:
         dist.all_reduce(flags)
     lossf = flags[0].item() / world  # waits for the device: one sync per step, for the check below
@@ -551,7 +423,7 @@ while True:
     if signalled or (checkpoint_interval and iter_num % checkpoint_interval == 0 and iter_num % eval_interval):
         save(['last.pt'])
     if signalled:
-        log(f"stopped by {stop_signal or 'a signal to another process'} at iteration {iter_num}; "
+        log(f"stopped by {stop.name or 'a signal to another process'} at iteration {iter_num}; "
             f"to continue: the same command with --init_from=resume")
         break
     if grad_clip > 0.0:
