@@ -1,7 +1,7 @@
 """
 optimizer='muon' (train.py): Muon for the blocks' weight matrices and AdamW for the rest, stepped together
-as one optimizer. model.py stays the model: its configure_optimizers(optimizer='muon') gives AdamW without
-those matrices; make_optimizer() here gives them to Muon and joins the two (MuonAdamW). train.py builds its
+as one optimizer. model.py stays the model: its configure_optimizers(leave_out=those matrices) gives the
+AdamW part; make_optimizer() here gives the matrices to Muon and joins the two (MuonAdamW). train.py builds its
 optimizer with make_optimizer; test_muon.py checks it; docs/speed.md says what it measured.
 """
 
@@ -10,12 +10,13 @@ import torch
 
 def make_optimizer(model, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
                    muon_learning_rate=0.02, muon_momentum=0.95):
-    """model.configure_optimizers' AdamW; for optimizer='muon' a MuonAdamW: the parameters that AdamW leaves
-    out (the blocks' 2-D weight matrices) go to Muon at muon_learning_rate, its group's 'lr_scale' the ratio of
-    its peak to learning_rate, for the schedule (train.py)."""
-    adamw = model.configure_optimizers(weight_decay, learning_rate, betas, device_type, optimizer)
+    """model.configure_optimizers' AdamW; for optimizer='muon' a MuonAdamW: the blocks' 2-D weight matrices go
+    to Muon at muon_learning_rate (its group's 'lr_scale' the ratio of its peak to learning_rate, for the
+    schedule in train.py), everything else to AdamW."""
     if optimizer == 'adamw':
-        return adamw
+        return model.configure_optimizers(weight_decay, learning_rate, betas, device_type)
+    if optimizer != 'muon':
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', not '{optimizer}'")
     if not hasattr(torch.optim, 'Muon'):
         raise ValueError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9+), this is {torch.__version__}: "
                          f"pip install -U torch, or optimizer='adamw'")
@@ -23,9 +24,10 @@ def make_optimizer(model, weight_decay, learning_rate, betas, device_type, optim
     # update, per weight matrix, is orthogonalised by 5 Newton-Schulz steps, scaled by sqrt(max(1, out/in)).
     # lr 0.02, momentum 0.95 and no weight decay are the write-up's and nanochat's settings (modded-nanogpt:
     # 0.05); only hidden matrices, never the embeddings or the output layer, which AdamW keeps (all three)
-    held = {id(p) for g in adamw.param_groups for p in g['params']}
-    muon = torch.optim.Muon([p for p in model.parameters() if p.requires_grad and id(p) not in held],
-                            lr=muon_learning_rate, momentum=muon_momentum, weight_decay=0.0)
+    blocks = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
+    matrices = [p for p in model.parameters() if p.requires_grad and id(p) in blocks]  # in the model's order
+    adamw = model.configure_optimizers(weight_decay, learning_rate, betas, device_type, leave_out=matrices)
+    muon = torch.optim.Muon(matrices, lr=muon_learning_rate, momentum=muon_momentum, weight_decay=0.0)
     muon.param_groups[0]['lr_scale'] = muon_learning_rate / learning_rate if learning_rate else 0.0
     return MuonAdamW(muon, adamw)
 
