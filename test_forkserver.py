@@ -86,12 +86,17 @@ def run_child(script, args, cwd, env, stdin, stdout, stderr):
     sys.exit(code)  # the interpreter's own exit: atexit's handlers, files flushed and closed
 
 
+def environment():
+    """os.environ, less what pytest sets for itself while a test runs (PYTEST_CURRENT_TEST names the test)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith('PYTEST_')}
+
+
 class ScriptRunner:
     """runner.run(cwd, script, args) -> subprocess.CompletedProcess, like subprocess.run([sys.executable,
     script, *args], cwd=cwd, capture_output=True, text=True): through the fork server where it can."""
 
     def __init__(self):
-        self.server, self.env = None, dict(os.environ)  # the environment a fork can stand in for
+        self.server, self.env = None, environment()  # the environment a fork can stand in for
 
     def start(self):
         to_server, self.requests = os.pipe()
@@ -113,9 +118,10 @@ class ScriptRunner:
 
     def run(self, cwd, script, args, timeout=300, input=None, env=None):
         argv = [sys.executable, script, *args]
-        if env is not None or os.environ != self.env:  # another environment: a fresh interpreter reads it
-            return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input,
-                                  env=env)
+        if env is not None or environment() != self.env:  # another environment: a fresh interpreter reads it
+            p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input, env=env)
+            p.forked = False
+            return p
         if self.server is None or self.server.poll() is not None:
             self.start()
         with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +139,9 @@ class ScriptRunner:
                 self.read_reply(None)
                 raise subprocess.TimeoutExpired(argv, timeout)
             with open(paths['stdout'], encoding='utf-8') as out, open(paths['stderr'], encoding='utf-8') as err:
-                return subprocess.CompletedProcess(argv, status, out.read(), err.read())
+                p = subprocess.CompletedProcess(argv, status, out.read(), err.read())
+                p.forked = True  # (for test_forkserver.py: which way it ran)
+                return p
 
 
 if __name__ == '__main__':
@@ -174,10 +182,11 @@ def test_a_forked_run_is_what_a_subprocess_gives(tmp_path, monkeypatch):
         forked = runner.run(tmp_path, 'probe.py', [how, 'x y'], input='piped in')
         real = subprocess.run([sys.executable, 'probe.py', how, 'x y'], cwd=tmp_path, capture_output=True, text=True,
                               input='piped in', timeout=60)
+        assert forked.forked, how  # under pytest, whose PYTEST_CURRENT_TEST changes from test to test
         assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr), how
     assert real.returncode == -9 and "helper probe folder stdin piped in" in real.stdout
     assert runner.run(tmp_path, 'probe.py', ['exit3']).returncode == 3  # the server serves one run after another
     pid = runner.server.pid
     monkeypatch.setenv('PYTHONPATH', str(tmp_path / 'elsewhere'))  # read at start-up: a fork would miss it
     p = runner.run(tmp_path, 'probe.py', ['ok'])  # so a fresh interpreter runs it, and the server stays
-    assert p.returncode == 0 and 'PYTHONPATH seen: True' in p.stdout and runner.server.pid == pid
+    assert not p.forked and p.returncode == 0 and 'PYTHONPATH seen: True' in p.stdout and runner.server.pid == pid
