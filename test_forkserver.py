@@ -13,9 +13,10 @@ sys.excepthook for an uncaught exception, SystemExit's code, atexit's handlers a
 own exit. The child is a real process: its exit status, pid and signals are its own.
 
 What a fork cannot change, a real subprocess is for: ScriptRunner.run falls back to subprocess.run
-when the environment is not the one the server started with (the caller's env=, or a test's
-monkeypatch.setenv): a variable read when the interpreter or torch starts (PYTHONPATH, OMP_NUM_THREADS,
-MALLOC_*) would not take effect in a fork. torchrun and the tests that signal a run use subprocess
+when the caller gives env=, or when a variable read as the interpreter or torch starts (PYTHONPATH,
+OMP_NUM_THREADS, MALLOC_*: AT_START_UP) is not what the server started with: it would not take effect
+in a fork. Any other variable (HF_ENDPOINT, say) reaches the child's os.environ, before it imports the
+library that reads it. torchrun and the tests that signal a run use subprocess
 directly.
 """
 
@@ -106,9 +107,12 @@ def exit_now(code):
     os._exit(code)
 
 
-def environment():
-    """os.environ, less what pytest sets for itself while a test runs (PYTEST_CURRENT_TEST names the test)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith('PYTEST_')}
+# variables read when the interpreter, torch or its libraries start, which a fork cannot apply afresh
+AT_START_UP = ('PYTHON', 'OMP_', 'MKL_', 'KMP_', 'GOMP_', 'MALLOC_', 'LD_', 'TORCH', 'CUDA', 'GLIBC')
+
+
+def at_start_up(env):
+    return {k: v for k, v in env.items() if k.startswith(AT_START_UP)}
 
 
 class ScriptRunner:
@@ -116,7 +120,7 @@ class ScriptRunner:
     script, *args], cwd=cwd, capture_output=True, text=True): through the fork server where it can."""
 
     def __init__(self):
-        self.server, self.env = None, environment()  # the environment a fork can stand in for
+        self.server, self.env = None, dict(os.environ)  # the server's: a fork stands in for its start-up part
 
     def start(self):
         to_server, self.requests = os.pipe()
@@ -138,7 +142,7 @@ class ScriptRunner:
 
     def run(self, cwd, script, args, timeout=300, input=None, env=None):
         argv = [sys.executable, script, *args]
-        if env is not None or environment() != self.env:  # another environment: a fresh interpreter reads it
+        if env is not None or at_start_up(os.environ) != at_start_up(self.env):  # a fresh interpreter reads them
             p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input, env=env)
             p.forked = False
             return p
@@ -150,7 +154,7 @@ class ScriptRunner:
                 f.write(input or '')
             open(paths['stdout'], 'w').close()
             open(paths['stderr'], 'w').close()
-            request = dict(script=script, args=list(args), cwd=str(cwd), env=self.env, **paths)
+            request = dict(script=script, args=list(args), cwd=str(cwd), env=dict(os.environ), **paths)
             os.write(self.requests, (json.dumps(request) + '\n').encode())
             pid = self.read_reply(None)  # sent as soon as it has forked
             status = self.read_reply(timeout)
@@ -174,7 +178,7 @@ import helper  # from the script's own folder
 atexit.register(lambda: print('atexit ran'))
 print('argv', sys.argv[1:], 'cwd', os.path.basename(os.getcwd()), 'helper', helper.WHERE, 'stdin', sys.stdin.read())
 print('to stderr: é', file=sys.stderr)
-print('PYTHONPATH seen:', any(p.endswith('elsewhere') for p in sys.path))
+print('PYTHONPATH seen:', any(p.endswith('elsewhere') for p in sys.path), 'SOME_SETTING', os.environ.get('SOME_SETTING'))
 left_open = open('left_open.txt', 'w')  # never closed: the exit must still write it
 left_open.write('written at exit')
 how = sys.argv[1]
@@ -211,6 +215,9 @@ def test_a_forked_run_is_what_a_subprocess_gives(tmp_path, monkeypatch):
     assert real.returncode == -9 and "helper probe folder stdin piped in" in real.stdout
     assert runner.run(tmp_path, 'probe.py', ['exit3']).returncode == 3  # the server serves one run after another
     pid = runner.server.pid
+    monkeypatch.setenv('SOME_SETTING', 'seen')  # read when the script runs: the fork has it
+    q = runner.run(tmp_path, 'probe.py', ['ok'])
+    assert q.forked and 'SOME_SETTING seen' in q.stdout
     monkeypatch.setenv('PYTHONPATH', str(tmp_path / 'elsewhere'))  # read at start-up: a fork would miss it
     p = runner.run(tmp_path, 'probe.py', ['ok'])  # so a fresh interpreter runs it, and the server stays
     assert not p.forked and p.returncode == 0 and 'PYTHONPATH seen: True' in p.stdout and runner.server.pid == pid
