@@ -29,9 +29,6 @@ import subprocess
 import sys
 import tempfile
 
-SERVER_ENV = 'NANOGPT_TEST_FORKSERVER'  # set in the server, so that a child knows it was forked
-
-
 def serve(requests, replies):
     """The server's loop: one JSON request a line on the file descriptor requests; the child's pid, then its
     exit status, a line each on replies. Ends at the end of requests (the pytest worker has exited)."""
@@ -125,12 +122,12 @@ class ScriptRunner:
     def start(self):
         to_server, self.requests = os.pipe()
         self.replies, from_server = os.pipe()
-        env = dict(self.env, **{SERVER_ENV: '1'})
         self.server = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(to_server), str(from_server)],
-                                       pass_fds=(to_server, from_server), env=env, stdin=subprocess.DEVNULL)
+                                       pass_fds=(to_server, from_server), env=self.env, stdin=subprocess.DEVNULL)
         os.close(to_server)
         os.close(from_server)
-        self.reply_file = os.fdopen(self.replies, 'r', encoding='utf-8')
+        # unbuffered: a buffered reader could take the status line with the pid's, out of select()'s sight
+        self.reply_file = os.fdopen(self.replies, 'rb', buffering=0)
 
     def read_reply(self, timeout):
         if not select.select([self.reply_file], [], [], timeout)[0]:
@@ -166,10 +163,6 @@ class ScriptRunner:
                 p = subprocess.CompletedProcess(argv, status, out.read(), err.read())
                 p.forked = True  # (for test_forkserver.py: which way it ran)
                 return p
-
-
-if __name__ == '__main__':
-    serve(int(sys.argv[1]), int(sys.argv[2]))
 
 
 PROBE = '''
@@ -221,3 +214,7 @@ def test_a_forked_run_is_what_a_subprocess_gives(tmp_path, monkeypatch):
     monkeypatch.setenv('PYTHONPATH', str(tmp_path / 'elsewhere'))  # read at start-up: a fork would miss it
     p = runner.run(tmp_path, 'probe.py', ['ok'])  # so a fresh interpreter runs it, and the server stays
     assert not p.forked and p.returncode == 0 and 'PYTHONPATH seen: True' in p.stdout and runner.server.pid == pid
+
+
+if __name__ == '__main__':
+    serve(int(sys.argv[1]), int(sys.argv[2]))
