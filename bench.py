@@ -35,9 +35,10 @@ no cache); sample.py on a CPU with native bf16 samples the 'bf16+cache' way.
 a temporary folder with its shakespeare_char data prepared by its own prepare.py (from our input.txt):
 train runs its README's CPU command (NANOGPT_CPU below) with its train.py and with ours, alternating,
 --processes times each, and prints the medians of the logged ms per iteration (iterations/s) and of the
-whole process's wall time; sample trains nanoGPT's baby GPT (config/train_shakespeare_char.py: 10.7M
-parameters, with AdamW's moments in the file) for one step with its train.py, then times its sample.py
-and ours on that checkpoint (1 sample of 500 tokens; everything else each script's defaults), alternating.
+whole process's wall time (--nanogpt_iters shortens the command, for a check); sample trains nanoGPT's
+baby GPT (config/train_shakespeare_char.py: 10.7M parameters, with AdamW's moments in the file) for one
+step with its train.py, then times its sample.py and ours on that checkpoint (1 sample of --new_tokens
+tokens; everything else each script's defaults), alternating.
 """
 
 import os
@@ -77,6 +78,7 @@ repeats = 3  # sample: runs per way, interleaved
 nanogpt = ''  # train, sample: a nanoGPT checkout: also time whole processes of its scripts and ours, side by side
 processes = 3  # with nanogpt: runs of each whole process, alternating
 speedrun = ''  # train, with nanogpt: also our train.py on this config file (config/train_shakespeare_char_cpu.py)
+nanogpt_iters = 2000  # train, with nanogpt: max_iters (= lr_decay_iters) of nanoGPT's command; 2000 as published
 # -----------------------------------------------------------------------------
 configurator.configure(globals())
 
@@ -92,8 +94,8 @@ SHAPES = {
 
 # nanoGPT's README command for a CPU (val loss ~1.88 in ~3 minutes), after its config file
 NANOGPT_CPU = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=False', '--eval_iters=20', '--log_interval=1',
-               '--block_size=64', '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128', '--max_iters=2000',
-               '--lr_decay_iters=2000', '--dropout=0.0']
+               '--block_size=64', '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128',
+               f'--max_iters={nanogpt_iters}', f'--lr_decay_iters={nanogpt_iters}', '--dropout=0.0']
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -146,12 +148,12 @@ def bench_train_processes():
         print(f"{name:<8} {stats[name][0]:8.2f} {1000 / stats[name][0]:8.2f} {stats[name][1]:8.1f}s "
               f"{statistics.median(vals):9.4f}")
     (a, ta), (b, tb) = stats['nanoGPT'], stats['ours']
-    print(f"ours vs nanoGPT: {a / b:.2f}x the iterations/s, {tb / ta:.2f}x the whole-process time; other "
-          f"processes kept {load:.0%} of the {os.cpu_count()} cores busy meanwhile")
+    print(f"ours vs nanoGPT: {a / b:.2f}x the iterations/s, {tb / ta:.2f}x the whole-process time; {load}")
     if speedrun:
         print(f"speedrun ({speedrun}) vs nanoGPT's command: {stats['speedrun'][1] / ta:.2f}x the whole-process time")
-    print(f"reproduce: python bench.py --mode=train --variants={variants} --nanogpt={nanogpt} --processes={processes}"
-          f"{' --speedrun=' + speedrun if speedrun else ''}")
+    extra = f' --speedrun={speedrun}' if speedrun else ''
+    extra += f' --nanogpt_iters={nanogpt_iters}' if nanogpt_iters != 2000 else ''
+    print(f"reproduce: python bench.py --mode=train --variants={variants} --nanogpt={nanogpt} --processes={processes}{extra}")
 
 
 def bench_sample_processes():
@@ -163,18 +165,18 @@ def bench_sample_processes():
                         '--eval_iters=1', '--max_iters=1', '--eval_interval=1', '--batch_size=2', f'--out_dir={out}'],
                        cwd=nano, check=True, capture_output=True)
         size = os.path.getsize(os.path.join(out, 'ckpt.pt'))
-        args = ['sample.py', f'--out_dir={out}', '--device=cpu', '--num_samples=1', '--max_new_tokens=500']
+        args = ['sample.py', f'--out_dir={out}', '--device=cpu', '--num_samples=1', f'--max_new_tokens={new_tokens}']
         load0 = cpu_seconds(), time.perf_counter()
         runs = whole_processes({'nanoGPT': (nano, args), 'ours': (HERE, args)})
         load = others_load(*load0)
     print(f"sample.py, whole processes, on nanoGPT's baby GPT checkpoint ({size / 2**20:.0f} MiB with AdamW's moments), "
-          f"1 sample of 500 tokens, {processes} of each, alternating; torch {torch.__version__}")
+          f"1 sample of {new_tokens} tokens, {processes} of each, alternating; torch {torch.__version__}")
     t = {name: statistics.median(s for s, _ in rs) for name, rs in runs.items()}
     for name, rs in runs.items():
         print(f"{name:<8} {t[name]:6.2f} s  ({', '.join(f'{s:.2f}' for s, _ in rs)})")
-    print(f"ours vs nanoGPT: {t['ours'] / t['nanoGPT']:.2f}x the time; other processes kept {load:.0%} of the "
-          f"{os.cpu_count()} cores busy meanwhile")
-    print(f"reproduce: python bench.py --mode=sample --ways={ways} --nanogpt={nanogpt} --processes={processes}")
+    print(f"ours vs nanoGPT: {t['ours'] / t['nanoGPT']:.2f}x the time; {load}")
+    print(f"reproduce: python bench.py --mode=sample --ways={ways} --nanogpt={nanogpt} --processes={processes}"
+          f"{f' --new_tokens={new_tokens}' if new_tokens != 500 else ''}")
 
 
 def tree_rss(pid):
@@ -246,7 +248,8 @@ def bench_prepare():
 
 
 def cpu_seconds():
-    """(busy CPU seconds of the whole machine, of this process) so far, from /proc/stat (Linux; None elsewhere).
+    """(busy CPU seconds of the whole machine, of this process and its finished children) so far, from
+    /proc/stat (Linux; None elsewhere).
     On 2 cores another busy process matters: torch's threads wait for each other at every op."""
     try:
         with open('/proc/stat') as f:
@@ -254,7 +257,9 @@ def cpu_seconds():
     except OSError:  # macOS, Windows
         return None
     t = os.times()
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf('SC_CLK_TCK'), t.user + t.system
+    # this process's own, and its finished subprocesses' (--nanogpt's runs are the measurement, not others')
+    own = t.user + t.system + t.children_user + t.children_system
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf('SC_CLK_TCK'), own
 
 
 def others_load(start, t0):

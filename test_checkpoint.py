@@ -50,6 +50,18 @@ def test_load_checkpoint(tmp_path, prefix):
     assert loaded.transformer.wte.weight.data_ptr() == loaded.lm_head.weight.data_ptr()
 
 
+def test_loading_draws_no_weights_and_leaves_normal_as_it_was(tmp_path):
+    """load_checkpoint builds the model without drawing initial weights (torch.nn.init.normal_ on 'meta'
+    imports torch._dynamo: a second of every sample.py), in a fresh interpreter as sample.py is; normal_
+    is torch's own again afterwards, and the weights are the file's."""
+    save_checkpoint(tiny(), tmp_path / 'ckpt.pt')
+    code = ("import sys, torch, checkpoint; normal = torch.nn.init.normal_; "
+            f"m, _ = checkpoint.load_checkpoint({str(tmp_path / 'ckpt.pt')!r}, 'cpu'); "
+            "print('torch._dynamo' in sys.modules, torch.nn.init.normal_ is normal, m.lm_head.weight.abs().sum() > 0)")
+    p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ['False', 'True', 'tensor(True)'], (p.stdout, p.stderr)
+
+
 def test_load_checkpoint_overrides(tmp_path):
     """Overrides such as dropout reach the loaded model's config and layers; the weights are unchanged."""
     m = tiny()

@@ -6,11 +6,13 @@ one PNG. As subprocesses where a user runs them, in a copy of the repository.
 """
 
 import json
+import os
 import re
 
 import pytest
 
 import plot
+from test_checkpoint import NANOGPT
 from test_scripts import assert_one_line_error, repo, run  # noqa: F401 (repo is a fixture)
 
 NUMBER = r'([0-9][0-9,]*\.?[0-9]*)'
@@ -47,6 +49,31 @@ def test_bench_sample_table(repo):  # noqa: F811
             assert ' 1.00x' in line, line
         if way == 'cache':  # float32 both: the cache changes no token
             assert line.rstrip().endswith('yes'), line
+
+
+@pytest.mark.skipif(not os.path.isdir(NANOGPT), reason=f"no nanoGPT checkout at {NANOGPT} (set NANOGPT=PATH)")
+def test_bench_against_nanogpt_whole_processes(repo):  # noqa: F811
+    """--nanogpt: its train.py and ours on nanoGPT's command (shortened), the speedrun config, and both sample.py
+    on nanoGPT's baby GPT: each table's rows and ratios printed from the runs' own logs."""
+    (repo / 'config' / 'tiny_speedrun.py').write_text("dataset = 'shakespeare_char'\nmax_iters = 2\neval_interval = 2\neval_iters = 2\nn_layer = 1\n"
+                                                      "n_head = 2\nn_embd = 16\nblock_size = 16\nbatch_size = 2\n")
+    p = run(repo, 'bench.py', '--mode=train', '--variants=', f'--nanogpt={NANOGPT}', '--processes=1',
+            '--nanogpt_iters=3', '--speedrun=config/tiny_speedrun.py')
+    rows = {m[1]: numbers(m[2]) for m in re.finditer(r'^(nanoGPT|ours|speedrun) +([0-9].*)$', p.stdout, re.M)}
+    assert list(rows) == ['nanoGPT', 'ours', 'speedrun'], p.stdout
+    for name, (ms, iters_s, seconds, val) in rows.items():
+        assert ms > 0 and iters_s == pytest.approx(1000 / ms, rel=0.01) and seconds > 0, (name, p.stdout)
+        assert 3.5 < val < 4.5, (name, p.stdout)  # about ln 65 after a few steps
+    ratio = re.search(r'ours vs nanoGPT: ([0-9.]+)x the iterations/s, ([0-9.]+)x the whole-process time', p.stdout)
+    assert ratio and float(ratio[1]) == pytest.approx(rows['nanoGPT'][0] / rows['ours'][0], abs=0.01), p.stdout
+    assert float(ratio[2]) == pytest.approx(rows['ours'][2] / rows['nanoGPT'][2], abs=0.06), p.stdout
+    assert re.search(r"speedrun \(config/tiny_speedrun.py\) vs nanoGPT's command: [0-9.]+x", p.stdout), p.stdout
+    assert '--nanogpt_iters=3' in p.stdout.splitlines()[-1]
+    p = run(repo, 'bench.py', '--mode=sample', '--ways=', f'--nanogpt={NANOGPT}', '--processes=1', '--new_tokens=5')
+    times = {m[1]: float(m[2]) for m in re.finditer(r'^(nanoGPT|ours) +([0-9.]+) s', p.stdout, re.M)}
+    ratio = re.search(r'ours vs nanoGPT: ([0-9.]+)x the time', p.stdout)
+    assert len(times) == 2 and ratio and float(ratio[1]) == pytest.approx(times['ours'] / times['nanoGPT'], abs=0.01)
+    assert '1 sample of 5 tokens' in p.stdout, p.stdout
 
 
 def test_bench_prepare_report(repo):  # noqa: F811
