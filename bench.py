@@ -137,7 +137,9 @@ def bench_train_processes():
             commands['speedrun'] = (HERE, ['train.py', speedrun, f'--out_dir={tmp}/out-speedrun-{{k}}'])
         runs = whole_processes(commands)
         load = others_load(*load0)
-    print(f"nanoGPT's CPU command, whole train.py processes, {processes} of each, alternating; torch {torch.__version__}")
+    short = f" (shortened: max_iters {nanogpt_iters})" if nanogpt_iters != 2000 else ""
+    print(f"nanoGPT's CPU command{short}, whole train.py processes, {processes} of each, alternating; "
+          f"torch {torch.__version__}")
     print(f"{'':<8} {'ms/iter':>8} {'iters/s':>8} {'process':>9} {'best val':>9}")
     stats = {}
     for name, rs in runs.items():
@@ -153,7 +155,8 @@ def bench_train_processes():
         print(f"speedrun ({speedrun}) vs nanoGPT's command: {stats['speedrun'][1] / ta:.2f}x the whole-process time")
     extra = f' --speedrun={speedrun}' if speedrun else ''
     extra += f' --nanogpt_iters={nanogpt_iters}' if nanogpt_iters != 2000 else ''
-    print(f"reproduce: python bench.py --mode=train --variants={variants} --nanogpt={nanogpt} --processes={processes}{extra}")
+    print(f"reproduce: python bench.py --mode=train --variants={variants} --nanogpt={nanogpt} --processes={processes}"
+          f"{extra}")
 
 
 def bench_sample_processes():

@@ -128,8 +128,9 @@ def shapes_only():
     """Modules built inside are on the 'meta' device (shapes, no memory) and draw no random initial weights:
     torch.nn.init.normal_ on a meta tensor imports torch._dynamo, 1.1 s of sample.py's 2.8 s start-up here
     (torch 2.13), for numbers that load_state_dict replaces anyway."""
-    normal = torch.nn.init.normal_
-    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    normal = torch.nn.init.normal_  # (a real tensor, in another thread meanwhile, is still drawn)
+    # (named tensor: under a device context, init.normal_ passes itself on with tensor= as a keyword)
+    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor if tensor.is_meta else normal(tensor, *args, **kwargs)
     try:
         with torch.device('meta'):
             yield

@@ -69,13 +69,15 @@ def test_bench_against_nanogpt_whole_processes(repo):  # noqa: F811
         assert 3.5 < val < 4.5, (name, p.stdout)  # about ln 65 after a few steps
     ratio = re.search(r'ours vs nanoGPT: ([0-9.]+)x the iterations/s, ([0-9.]+)x the whole-process time', p.stdout)
     assert ratio and float(ratio[1]) == pytest.approx(rows['nanoGPT'][0] / rows['ours'][0], abs=0.01), p.stdout
-    assert float(ratio[2]) == pytest.approx(rows['ours'][2] / rows['nanoGPT'][2], abs=0.06), p.stdout
+    (_, _, a, _), (_, _, b, _) = rows['nanoGPT'], rows['ours']  # seconds, printed to 0.1
+    assert (b - 0.05) / (a + 0.05) - 0.005 <= float(ratio[2]) <= (b + 0.05) / (a - 0.05) + 0.005, p.stdout
     assert re.search(r"speedrun \(config/tiny_speedrun.py\) vs nanoGPT's command: [0-9.]+x", p.stdout), p.stdout
     assert '--nanogpt_iters=3' in p.stdout.splitlines()[-1]
     p = run(repo, 'bench.py', '--mode=sample', '--ways=', f'--nanogpt={NANOGPT}', '--processes=1', '--new_tokens=5')
     times = {m[1]: float(m[2]) for m in re.finditer(r'^(nanoGPT|ours) +([0-9.]+) s', p.stdout, re.M)}
     ratio = re.search(r'ours vs nanoGPT: ([0-9.]+)x the time', p.stdout)
-    assert len(times) == 2 and ratio and float(ratio[1]) == pytest.approx(times['ours'] / times['nanoGPT'], abs=0.01)
+    a, b = times['nanoGPT'], times['ours']  # printed to 0.01 s
+    assert ratio and (b - 0.005) / (a + 0.005) - 0.005 <= float(ratio[1]) <= (b + 0.005) / (a - 0.005) + 0.005, p.stdout
     assert '1 sample of 5 tokens' in p.stdout, p.stdout
 
 

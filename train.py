@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from checkpoint import (CheckpointError, full_state, hold_out_dir, resume_optimizer, save_checkpoint, split_model_args,
-                        train_model)
+from checkpoint import (CheckpointError, full_state, hold_out_dir, resume_optimizer, save_checkpoint, shapes_only,
+                        split_model_args, train_model)
 from devices import (StopSignals, autocast_context, check_accumulation, compile_checked, device_memory, end_processes,
                      estimate_memory, exit_on_oom, fail_together, fork_rng, grad_scaler, memory_report, peak_flops,
                      pick_backend, pick_compile, pick_device, pick_dtype, pick_flash, shard, step_seed, use_device,
@@ -194,7 +194,7 @@ memory, stage = device_memory(device), 'building the model'  # bytes this proces
 
 def oom_where():
     """Where the run is (stage) and what a step needs, for an out-of-memory error (exit_on_oom)."""
-    with torch.device('meta'):  # the model's shape, without its memory
+    with shapes_only():  # the model's shape, without its memory (nor torch._dynamo's: this process is out of it)
         return stage, estimate_memory(GPT(GPTConfig(**model_args)), batch_size, dtype)
 
 

@@ -13,7 +13,7 @@
 #   fewer steps, 1,000: 3e-3 -> 1.925, 5e-3 -> 1.921; with rope, rmsnorm and qk_norm (no biases) -> 1.852
 #   then batch 16 and 8e-3 (qk_norm keeps the higher rate stable): 700 steps -> 1.871, 750 -> 1.846
 #   then Muon (optimizer='muon', PyTorch 2.9+) for the blocks' matrices, AdamW at 8e-3 for the rest
-#   (a step costs 77 ms instead of 56: Newton-Schulz on 16 small matrices), 250 steps unless said:
+#   (a step costs 77-82 ms instead of 56: Newton-Schulz on 16 small matrices), 250 steps unless said:
 #     muon_learning_rate 0.02, 500 steps -> 1.748; 0.05, 500 -> 1.744; 0.05: 350 -> 1.801, 300 -> 1.839,
 #     250 -> 1.857, 220 -> 1.905; 0.08 -> 1.868; AdamW part at 1.2e-2 -> 1.874; warmup 10 -> 1.857;
 #     batch 24, 170 steps -> 1.891; without qk_norm -> 1.938; without rmsnorm and qk_norm -> 1.945;

@@ -1,6 +1,6 @@
-# A modern small model of tiny Shakespeare for the laptop CPU, at the compute of
-# config/train_shakespeare_char_cpu.py (the same 2000 steps of 12 x 64 characters, the same
-# optimizer settings; ~0.79M parameters and 5.36M training FLOPs per token against its 0.80M and 5.20M):
+# A modern small model of tiny Shakespeare for the laptop CPU, at the compute of nanoGPT's CPU
+# command (the same 2000 steps of 12 x 64 characters and AdamW settings that config/train_shakespeare_char_cpu.py
+# then had; ~0.79M parameters and 5.36M training FLOPs per token against its 0.80M and 5.20M):
 #   python prepare.py shakespeare_char
 #   python train.py config/train_shakespeare_char_modern.py
 #   python sample.py --out_dir=out-shakespeare-char-modern
