@@ -71,7 +71,8 @@ def probe():
         with open('/proc/self/status') as f:
             status = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(':') for line in f)
                       if k in ('VmHWM', 'RssAnon', 'RssFile')}
-        record[name] = dict(status, mmapped=malloc_bytes()[0], peak=malloc_bytes()[1])
+        mmapped, peak = malloc_bytes()  # one reading: both at the same moment
+        record[name] = dict(status, mmapped=mmapped, peak=peak)
 
     def wrap(module, name, before=None, after=None):
         inner = getattr(module, name)

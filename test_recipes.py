@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import configurator
-from checkpoint import GPT2_SIZES
+from downloads import GPT2_SIZES
 from model import GPT, GPTConfig
 from test_configurator import settings_scope
-from test_scripts import ROOT, TINY, repo, run  # noqa: F401 (repo is a fixture)
+from test_scripts import ROOT, repo, run  # noqa: F401 (repo is a fixture)
 
 RECIPES = sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py'))
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'flash', 'rope', 'rmsnorm', 'swiglu',
@@ -56,6 +56,7 @@ def tiny_hf_folder(folder):
     time that 64 positions took, most of it in the 50,257-wide lm_head)."""
     torch.manual_seed(0)
     m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257))
+    # spelled out here, not hf_gpt2.HF_CONV1D: a wrong tuple there must not also build the folder it reads
     conv1d = ('c_attn.weight', 'c_proj.weight', 'c_fc.weight')  # stored (in, out) by transformers' Conv1D
     weights = {k: v.t().contiguous() if k.endswith(conv1d) else v
                for k, v in m.state_dict().items() if k != 'lm_head.weight'}
