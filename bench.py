@@ -54,7 +54,7 @@ import time
 import torch
 
 import configurator
-from devices import autocast_context, pick_device
+from devices import autocast_context, keep_freed_memory, pick_device
 from model import GPT, GPTConfig
 from tokenizer import DATA_DIR, gpt2_encoding
 
@@ -408,6 +408,7 @@ elif mode in ('train', 'sample'):
         configurator.fail(e)
     if threads > 0:
         torch.set_num_threads(threads)
+    keep_freed_memory()  # as train.py and sample.py do (devices.py)
     name = shape if shape != 'auto' else {'train': 'cpu', 'sample': 'baby'}[mode]
     if name not in SHAPES:
         configurator.fail(f"shape must be 'auto', 'cpu', 'baby' or 'tiny', not '{shape}'")

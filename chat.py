@@ -18,7 +18,7 @@ import torch
 import configurator
 from checkpoint import load_model
 from model import check_generate_args
-from devices import autocast_context, pick_device, pick_dtype
+from devices import autocast_context, keep_freed_memory, pick_device, pick_dtype
 from model import KVCache
 from tokenizer import DataError
 
@@ -48,6 +48,7 @@ except ValueError as e:
     fail(e)
 generator = torch.Generator(device=device).manual_seed(seed)
 ctx = autocast_context(device, dtype)
+keep_freed_memory()  # each reply's tensors reuse the last one's memory (devices.py)
 try:
     model, tok, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name)
 except (ValueError, ImportError, DataError) as e:

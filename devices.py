@@ -15,6 +15,7 @@ them on a machine without a GPU. train.py, sample.py, chat.py, eval.py and bench
 """
 
 import atexit
+import ctypes
 import importlib.util
 import inspect
 import os
@@ -45,6 +46,24 @@ def pick_device(device='auto'):
 def cpu_has_bf16():
     """Native bfloat16 matmuls on this CPU (AVX512-BF16 or AMX, as in recent Xeons and EPYCs)."""
     return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+
+def keep_freed_memory():
+    """Let this process reuse the memory its tensors free, instead of handing it back to the kernel (Linux's
+    glibc; elsewhere nothing is changed). glibc maps a block over 128 KiB (a threshold it moves) afresh and
+    returns a freed heap top, so each step's activations come back as fresh pages the kernel must fault in
+    and zero: 150-2500 page faults a step on nanoGPT's CPU command, 4-6 ms of its 29-34 (issue 14, docs/speed.md).
+    Blocks up to 32 MiB (mallopt's largest) then come from the heap, and 64 MiB of free top is kept.
+    Returns whether it took effect."""
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (Alpine's musl has no mallopt)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 64 << 20))
 
 
 def use_device(device, local_rank=None, gpus=None):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import configurator
 from checkpoint import load_model
-from devices import autocast_context, end_processes, pick_backend, pick_device, pick_dtype
+from devices import autocast_context, end_processes, keep_freed_memory, pick_backend, pick_device, pick_dtype
 from scoring import (HELLASWAG_ITEMS, bits_per_byte, hellaswag_counts, hellaswag_file, read_hellaswag,
                      render_hellaswag, score_sums)
 from tokenizer import DATA_DIR, DataError, find_files, load_meta
@@ -64,6 +64,7 @@ try:
     dtype = pick_dtype(dtype, device)
 except ValueError as e:
     fail(e)
+keep_freed_memory()  # each batch's tensors reuse the last one's memory (devices.py)
 if ddp and device.startswith('cuda'):
     device = f'cuda:{local_rank}'
     torch.cuda.set_device(device)

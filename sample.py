@@ -19,7 +19,7 @@ import torch
 import configurator
 from checkpoint import load_model
 from model import check_generate_args
-from devices import autocast_context, pick_device, pick_dtype, use_device
+from devices import autocast_context, keep_freed_memory, pick_device, pick_dtype, use_device
 from configurator import fail
 from tokenizer import DataError
 
@@ -52,6 +52,7 @@ if num_samples < 1:
     fail(f"num_samples must be at least 1, not {num_samples}")
 torch.manual_seed(seed)
 ctx = autocast_context(device, dtype)
+keep_freed_memory()  # each token's tensors reuse the last one's memory: 500 tokens 10 % faster (devices.py)
 
 # the model, and the tokenizer of the data it was trained on (GPT-2's BPE for GPT-2's weights)
 try:

@@ -80,6 +80,32 @@ def test_peak_flops_by_name(name, tflops):
     assert D.peak_flops_of('NVIDIA GeForce GTX 1080') is None
 
 
+FREED_MEMORY_FAULTS = r'''
+import resource, torch
+from devices import keep_freed_memory
+def faults():  # page faults while tensors of 1 MiB are made and freed, 3 at a time, as a step's activations are
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(50):
+        xs = [torch.ones(2 ** 18) for _ in range(3)]
+        del xs
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+default = faults()
+took = keep_freed_memory()
+faults()  # the heap grows once
+print(default, took, faults())
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="mallopt is glibc's, on Linux only")
+def test_freed_memory_is_reused_without_page_faults():
+    # a process of its own: mallopt changes the whole process, and the default is what it is compared with
+    out = subprocess.run([sys.executable, '-c', FREED_MEMORY_FAULTS], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    default, took, kept = out.stdout.split()
+    assert took == 'True'
+    assert int(default) > 1000 and int(kept) < 50, out.stdout  # glibc's default trims the heap and faults it back in
+
+
 # -----------------------------------------------------------------------------
 # compile that fails: one line, then the run goes on uncompiled
 

@@ -27,9 +27,9 @@ import configurator
 from checkpoint import (CheckpointError, full_state, hold_out_dir, resume_optimizer, save_checkpoint, shapes_only,
                         split_model_args, train_model)
 from devices import (StopSignals, autocast_context, check_accumulation, compile_checked, device_memory, end_processes,
-                     estimate_memory, exit_on_oom, fail_together, fork_rng, grad_scaler, memory_report, peak_flops,
-                     pick_backend, pick_compile, pick_device, pick_dtype, pick_flash, shard, step_seed, use_device,
-                     without_fused)
+                     estimate_memory, exit_on_oom, fail_together, fork_rng, grad_scaler, keep_freed_memory,
+                     memory_report, peak_flops, pick_backend, pick_compile, pick_device, pick_dtype, pick_flash, shard,
+                     step_seed, use_device, without_fused)
 from model import GPT, GPTConfig
 from muon import make_optimizer
 from plot import RunLog
@@ -129,6 +129,7 @@ config.update(device=device, dtype=dtype, compile=compile, flash=flash)  # the r
 device_type = device.split(':')[0]  # 'cuda' | 'mps' | 'cpu', for autocast and the optimizer
 torch.manual_seed(seed)  # the same on every process: the same initial weights everywhere
 torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere+ GPUs; no effect on the CPU
+keep_freed_memory()  # each step's tensors reuse the last one's memory: no page faults (devices.py)
 ctx = autocast_context(device, dtype)
 try:  # one run per out_dir, which must be writable: found now, rather than when the first checkpoint is due
     lock = hold_out_dir(out_dir, master, device, ddp, log)  # checkpoint.py
