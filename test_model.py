@@ -121,16 +121,24 @@ def test_causality(flash):
             assert not torch.allclose(logits[:, t], base[:, t]), f"position {t} did not change its own logits"
 
 
-def test_forward_without_targets_returns_last_position():
-    """Without targets forward returns (B, 1, vocab) logits: the last position of the full logits."""
-    m = tiny()
+@pytest.mark.parametrize('arch', [dict(flash=True), dict(flash=False), dict(rope=True, qk_norm=True, n_kv_head=1),
+                                  dict(rmsnorm=True, swiglu=True, bias=False)])
+def test_forward_without_targets_returns_last_position(arch):
+    """Without targets forward returns (B, 1, vocab) logits: the last position of the full logits, though
+    its last block computes that position only; after a cache, too, which still gets every key and value."""
+    m = lively(tiny(**arch))
     idx = random_idx(B=2, T=11)
+    kv_cache = [M.KVCache() for _ in m.transformer.h]
     with torch.no_grad():
         full, loss = m(idx, torch.zeros_like(idx))
         last, no_loss = m(idx)
+        m(idx[:, :6], kv_cache=kv_cache)
+        after_cache, _ = m(idx[:, 6:], kv_cache=kv_cache)
     assert full.shape == (2, 11, 65) and loss is not None
     assert last.shape == (2, 1, 65) and no_loss is None
-    torch.testing.assert_close(last, full[:, [-1], :], atol=1e-6, rtol=0)
+    torch.testing.assert_close(last, full[:, [-1], :], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after_cache, full[:, [-1], :], atol=1e-5, rtol=0)
+    assert all(len(c) == 11 for c in kv_cache)  # the last block's keys and values of all 11 positions
 
 
 def test_forward_longer_than_block_size_raises():
