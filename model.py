@@ -172,7 +172,7 @@ class CausalSelfAttention(nn.Module):
             # the same computation written out, to read and to step through in a debugger. Query i is token
             # Tk - T + i of the sequence and sees the keys up to that one: the causal mask is a bias, -inf on
             # the later keys (a weight of 0 after the softmax) and 0 elsewhere, added to the scores q.k / sqrt(hs)
-            mask = torch.full((T, Tk), float('-inf'), device=x.device).triu(diagonal=Tk - T + 1)  # (T, Tk)
+            mask = torch.full((T, Tk), float('-inf'), dtype=q.dtype, device=x.device).triu(diagonal=Tk - T + 1)
             # baddbmm(mask, a, b, alpha) = mask + alpha * (a @ b) for each of the B * nh heads, in one op: a step
             # of nanoGPT's CPU command 4-7 % faster than a matmul, a scaling and a masked_fill (bf16, 2 cores)
             att = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=1.0 / math.sqrt(hs))
