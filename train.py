@@ -176,12 +176,13 @@ def get_batch(split, stream):
         for r, i in enumerate(starts[np.random.default_rng(stream).integers(0, len(starts), size=batch_size)]):
             n = min(block_size + 1, len(data) - int(i))
             rows[r, :n], counts[r, :n] = data[int(i):int(i) + n], mask[int(i):int(i) + n]
-        x = torch.from_numpy(rows[:, :-1])  # (B, T)
-        y = torch.from_numpy(np.where(counts[:, 1:], rows[:, 1:], -1))  # (B, T)
+        targets = np.where(counts[:, 1:], rows[:, 1:], -1)  # (B, T)
     else:
         ix = np.random.default_rng(stream).integers(0, len(data) - block_size, size=batch_size)
-        x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))  # (B, T)
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))  # (B, T)
+        rows = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)  # (B, T + 1): one copy of each
+        targets = rows[:, 1:]  # (B, T)
+    x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # (B, T)
+    y = torch.from_numpy(np.ascontiguousarray(targets))  # (B, T): x shifted by one
     if device_type == 'cuda':  # pinned host memory lets the copy to the GPU run asynchronously (non_blocking)
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
