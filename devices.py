@@ -53,9 +53,10 @@ def keep_freed_memory():
     glibc; elsewhere nothing is changed). glibc maps a block over 128 KiB (a threshold it moves) afresh and
     returns a freed heap top, so each step's activations come back as fresh pages the kernel must fault in
     and zero: 150-2500 page faults a step on nanoGPT's CPU command, 4-6 ms of its 29-34 (issue 14, docs/speed.md).
-    Blocks up to 32 MiB (mallopt's largest) then come from the heap, and 64 MiB of free top is kept.
-    Returns whether it took effect."""
-    if not sys.platform.startswith('linux'):
+    Blocks up to 32 MiB (mallopt's largest) then come from the heap, and 64 MiB of free top is kept. Where
+    glibc's own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ is set, that choice stands (test_fsdp_memory
+    counts mapped blocks). Returns whether it took effect."""
+    if not sys.platform.startswith('linux') or {'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_'} & set(os.environ):
         return False
     try:
         libc = ctypes.CDLL('libc.so.6')

@@ -106,6 +106,11 @@ def test_freed_memory_is_reused_without_page_faults():
     assert int(default) > 1000 and int(kept) < 50, out.stdout  # glibc's default trims the heap and faults it back in
 
 
+def test_freed_memory_leaves_glibcs_own_setting(monkeypatch):
+    monkeypatch.setenv('MALLOC_MMAP_THRESHOLD_', str(128 * 1024))
+    assert D.keep_freed_memory() is False  # returns before any mallopt: this process is unchanged
+
+
 # -----------------------------------------------------------------------------
 # compile that fails: one line, then the run goes on uncompiled
 
