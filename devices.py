@@ -1,9 +1,9 @@
 """
 Where and how a model runs: the device, the precision (and float16's GradScaler), compile and the attention
 path, the distributed backend, the accumulation split and FSDP's sharding, the random state of each step,
-memory (how much there is, what a step needs, what to do when it runs out: exit_on_oom), the peak FLOPs MFU
-is measured against, and how processes stop: together on an error (fail_together), at a signal
-(StopSignals), at the end (end_processes).
+memory (how much there is, what a step needs, what to do when it runs out: exit_on_oom; freed memory reused
+instead of faulted in afresh: keep_freed_memory), the peak FLOPs MFU is measured against, and how processes
+stop: together on an error (fail_together), at a signal (StopSignals), at the end (end_processes).
 
     from devices import autocast_context, pick_device, pick_dtype
     device = pick_device('auto')              # 'cuda', 'mps' or 'cpu': the best the machine has
