@@ -150,7 +150,7 @@ class CausalSelfAttention(nn.Module):
             # generating: x holds only the new tokens; their keys and values join those of the
             # earlier tokens, kept from previous calls, and the new queries attend to all of them
             k, v = kv_cache.append(k, v)  # (B, nkv, Tk, hs), Tk = tokens cached before + T
-        if last_only:  # the keys and values of every position, the query of the last
+        if last_only:  # the keys and values of every position, the query of the last; from here on T = 1 query
             q, T = q[:, :, -1:], 1  # (B, nh, 1, hs)
         Tk = k.size(2)  # keys each query may look at: T without a cache
         if nkv != self.n_head:  # GQA: query head h reads key/value head h // (n_head / nkv)
@@ -161,8 +161,8 @@ class CausalSelfAttention(nn.Module):
             # one fused kernel (FlashAttention on recent GPUs); never materialises the T x T scores.
             # On the CPU under bfloat16 autocast its backward is 5x slower than in float32 (torch 2.13,
             # 7.3 vs 1.4 ms a call at 4 x 128, block 64): there flash=False trains faster (bench.py)
-            if Tk == T:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True,
+            if Tk == T or T == 1:  # one query, the last token, sees every key: no mask at all
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=T > 1,
                                                    dropout_p=self.dropout if self.training else 0.0)
             else:  # is_causal aligns its mask top-left (query 0 sees key 0 only): wrong after a cache
                 causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # (T, Tk)
@@ -172,11 +172,14 @@ class CausalSelfAttention(nn.Module):
             # the same computation written out, to read and to step through in a debugger. Query i is token
             # Tk - T + i of the sequence and sees the keys up to that one: the causal mask is a bias, -inf on
             # the later keys (a weight of 0 after the softmax) and 0 elsewhere, added to the scores q.k / sqrt(hs)
-            mask = torch.full((T, Tk), float('-inf'), dtype=q.dtype, device=x.device).triu(diagonal=Tk - T + 1)
-            # baddbmm(mask, a, b, alpha) = mask + alpha * (a @ b) for each of the B * nh heads, in one op: a step
-            # of nanoGPT's CPU command 4-7 % faster than a matmul, a scaling and a masked_fill (bf16, 2 cores)
-            att = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=1.0 / math.sqrt(hs))
-            att = att.view(B, self.n_head, T, Tk)  # (B * nh, T, Tk) -> (B, nh, T, Tk)
+            mask = torch.full((T, Tk), float('-inf'), dtype=q.dtype, device=x.device)
+            mask = mask.triu(diagonal=Tk - T + 1)  # (T, Tk): -inf above the shifted diagonal, 0 on and below it
+            # att = q @ k.transpose(-2, -1) / sqrt(hs) + mask, as one op: baddbmm(mask, a, b, alpha) is mask +
+            # alpha * (a @ b) for each of the B * nh heads; a step of nanoGPT's CPU command 4-7 % faster than a
+            # matmul, a scaling and a masked_fill (bf16, 2 cores, one process side by side)
+            att = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+                                alpha=1.0 / math.sqrt(hs))  # (B * nh, T, hs) @ (B * nh, hs, Tk) -> (B * nh, T, Tk)
+            att = att.view(B, self.n_head, T, Tk)  # (B, nh, T, Tk)
             att = F.softmax(att, dim=-1)  # (B, nh, T, Tk), each row sums to 1
             att = self.attn_dropout(att)
             y = att @ v  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs)
@@ -245,8 +248,8 @@ class Block(nn.Module):
 
     def forward(self, x, kv_cache=None, rope=None, last_only=False):
         """last_only: only the last position's output (B, 1, C), for generating (GPT.forward)."""
-        h = self.attn(self.ln_1(x), kv_cache, rope, last_only)  # tokens exchange information
-        x = (x[:, -1:] if last_only else x) + h
+        # tokens exchange information; with last_only, the last token reads every token's key and value
+        x = (x[:, -1:] if last_only else x) + self.attn(self.ln_1(x), kv_cache, rope, last_only)
         x = x + self.mlp(self.ln_2(x))  # each token computes on its own
         return x
 
@@ -304,7 +307,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, reduction='mean'):
         """kv_cache: None, or one KVCache per block holding the tokens before idx (generate).
-        reduction: 'mean' over the targets that count, or their 'sum' (0, not NaN, when none counts)."""
+        reduction: 'mean' over the targets that count, or their 'sum' (0, not NaN, when none counts).
+        Without targets only the last position's logits (B, 1, vocab_size) come back, and the last block
+        computes that position only (a hook on it sees (B, 1, C))."""
         B, T = idx.size()  # batch size, sequence length
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
@@ -320,19 +325,18 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)  # (B, T, C)
         # generating needs the next token only, so the last block computes the last position only (its keys and
         # values still all): a baby GPT's 256-token forward, bf16 on 2 CPU cores, 10.0 -> 9.0 ms, the same logits
-        last = len(self.transformer.h) - 1 if targets is None else None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_cache is None else kv_cache[i], rope, last_only=i == last)
+            last_only = targets is None and i == len(self.transformer.h) - 1
+            x = block(x, None if kv_cache is None else kv_cache[i], rope, last_only=last_only)
         x = self.transformer.ln_f(x)  # (B, T, C), or (B, 1, C) without targets
+        logits = self.lm_head(x)  # (B, T, vocab_size), or (B, 1, vocab_size): the next token's only
 
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, vocab_size)
             # mean cross-entropy over every position, flattened to (B*T, vocab_size) and (B*T,);
             # a target of -1 is ignored
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                    reduction=reduction)
         else:
-            logits = self.lm_head(x)  # (B, 1, vocab_size): the last position's
             loss = None
         return logits, loss
 

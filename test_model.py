@@ -87,6 +87,18 @@ def test_flash_and_manual_attention_agree():
     assert logits_f.std() > 1e-3
 
 
+def test_manual_attention_in_a_model_cast_to_bfloat16():
+    """A model cast to bf16 (no autocast) runs the written-out attention: its causal mask takes the scores'
+    dtype (a float32 mask would be refused by baddbmm), and the logits are float32's to bf16 precision."""
+    m = lively(tiny(flash=False))
+    idx = random_idx()
+    with torch.no_grad():
+        want, _ = m(idx, idx)
+        got, _ = m.to(torch.bfloat16)(idx, idx)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.1 * want.abs().max().item(), rtol=0)
+
+
 def test_flash_and_manual_attention_gradients_agree():
     """Backpropagating the same loss through both attention paths gives the same gradients."""
     flash, manual = flash_and_manual_pair()
