@@ -19,7 +19,8 @@ train: one model and optimizer per variant, all from the same weights, taking th
 train.py takes (forward, backward, gradient clipping, AdamW, zero_grad) on random tokens
 (vocab 65). After warm-up the variants run round-robin, --iters steps each per round, so the
 machine's drift hits all alike; the table gives median ms per step, tokens/s and the ratio to
-'plain', the way nanoGPT trains on a CPU (float32, no autocast, no compile). A variant joins
+'plain', the way nanoGPT trains on a CPU (float32, no autocast, no compile; but with this repository's
+model.py and keep_freed_memory, so against nanoGPT's own process the gains are larger). A variant joins
 options with '+': bf16 (torch.autocast bfloat16), compile (torch.compile), fused (AdamW's fused
 kernel, which configure_optimizers picks on the CPU and CUDA), manual (flash=False: the
 written-out attention), 1thread (torch.set_num_threads(1) while it runs). train.py with

@@ -49,19 +49,21 @@ def cpu_has_bf16():
 
 
 def keep_freed_memory():
-    """Let this process reuse the memory its tensors free, instead of handing it back to the kernel (Linux's
-    glibc; elsewhere nothing is changed). glibc maps a block over 128 KiB (a threshold it moves) afresh and
+    """Let this process reuse the memory its tensors free, instead of handing it back to the kernel (glibc,
+    64-bit; elsewhere nothing is changed). glibc maps a block over 128 KiB (a threshold it moves) afresh and
     returns a freed heap top, so each step's activations come back as fresh pages the kernel must fault in
-    and zero: 150-2500 page faults a step on nanoGPT's CPU command, 4-6 ms of its 29-34 (issue 14, docs/speed.md).
-    Blocks up to 32 MiB (mallopt's largest) then come from the heap, and 64 MiB of free top is kept. Where
-    glibc's own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ is set, that choice stands (test_fsdp_memory
-    counts mapped blocks). Returns whether it took effect."""
-    if not sys.platform.startswith('linux') or {'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_'} & set(os.environ):
-        return False
+    and zero: 150-2500 page faults a step on nanoGPT's CPU command, and 4-6 ms of its 29-34 (docs/speed.md).
+    Blocks up to 32 MiB (mallopt's largest on 64-bit) then come from the heap, and 64 MiB of free top is
+    kept. Where glibc's own settings are made (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or
+    GLIBC_TUNABLES' malloc ones), they stand (test_fsdp_memory counts mapped blocks with one).
+    Returns whether it took effect."""
     try:
-        libc = ctypes.CDLL('libc.so.6')
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (Alpine's musl has no mallopt)
+        os.confstr('CS_GNU_LIBC_VERSION')  # glibc; elsewhere (musl, macOS, Windows) an error
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already has
+    except (AttributeError, OSError, TypeError, ValueError):
+        return False
+    if {'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_'} & set(os.environ) or \
+            'malloc' in os.environ.get('GLIBC_TUNABLES', '') or sys.maxsize < 2 ** 32:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 64 << 20))

@@ -129,7 +129,7 @@ config.update(device=device, dtype=dtype, compile=compile, flash=flash)  # the r
 device_type = device.split(':')[0]  # 'cuda' | 'mps' | 'cpu', for autocast and the optimizer
 torch.manual_seed(seed)  # the same on every process: the same initial weights everywhere
 torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere+ GPUs; no effect on the CPU
-keep_freed_memory()  # each step's tensors reuse the last one's memory: no page faults (devices.py)
+keep_freed_memory()  # each step's tensors reuse the last one's memory: ~2 page faults a step, not 150-2500
 ctx = autocast_context(device, dtype)
 try:  # one run per out_dir, which must be writable: found now, rather than when the first checkpoint is due
     lock = hold_out_dir(out_dir, master, device, ddp, log)  # checkpoint.py
@@ -179,8 +179,9 @@ def get_batch(split, stream):
         targets = np.where(counts[:, 1:], rows[:, 1:], -1)  # (B, T)
     else:
         ix = np.random.default_rng(stream).integers(0, len(data) - block_size, size=batch_size)
-        rows = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)  # (B, T + 1): one copy of each
+        rows = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)  # (B, T + 1): each window read once
         targets = rows[:, 1:]  # (B, T)
+    # copied out of the rows, contiguous: the loss flattens the targets with view(-1), which a strided slice refuses
     x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # (B, T)
     y = torch.from_numpy(np.ascontiguousarray(targets))  # (B, T): x shifted by one
     if device_type == 'cuda':  # pinned host memory lets the copy to the GPU run asynchronously (non_blocking)

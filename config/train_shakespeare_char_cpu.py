@@ -18,8 +18,9 @@
 #     250 -> 1.857, 220 -> 1.905; 0.08 -> 1.868; AdamW part at 1.2e-2 -> 1.874; warmup 10 -> 1.857;
 #     batch 24, 170 steps -> 1.891; without qk_norm -> 1.938; without rmsnorm and qk_norm -> 1.945;
 #     without rope, rmsnorm and qk_norm -> 2.032
-#   since the written-out attention scales and masks inside one baddbmm (model.py; other bf16 rounding):
-#     250 -> 1.865 (19.5 s), 270 -> 1.852 (22.1 s), 300 -> 1.830 (25.2 s)
+#   since the written-out attention scales and masks inside one baddbmm (model.py: one bf16 rounding of
+#     the scores where there were two), train.py's whole process: 250 -> 1.865 (19.5 s), 270 -> 1.852
+#     (22.1 s), 300 -> 1.830 (25.2 s)
 # On PyTorch < 2.9 (no torch.optim.Muon), the AdamW recipe before it: --optimizer=adamw --max_iters=750
 # --lr_decay_iters=750 --warmup_iters=100 (val 1.846, about twice the time).
 # Same shape as nanoGPT's: 4 layers, 4 heads, 128 wide, 64 characters of context.
