@@ -57,13 +57,13 @@ def keep_freed_memory():
     kept. Where glibc's own settings are made (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or
     GLIBC_TUNABLES' malloc ones), they stand (test_fsdp_memory counts mapped blocks with one).
     Returns whether it took effect."""
+    if {'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_'} & set(os.environ) or \
+            'malloc' in os.environ.get('GLIBC_TUNABLES', '') or sys.maxsize < 2 ** 32:
+        return False
     try:
         os.confstr('CS_GNU_LIBC_VERSION')  # glibc; elsewhere (musl, macOS, Windows) an error
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already has
     except (AttributeError, OSError, TypeError, ValueError):
-        return False
-    if {'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_'} & set(os.environ) or \
-            'malloc' in os.environ.get('GLIBC_TUNABLES', '') or sys.maxsize < 2 ** 32:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 64 << 20))

@@ -157,32 +157,32 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nkv, Tk, hs) -> (B, nh, Tk, hs)
             v = v.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nkv, Tk, hs) -> (B, nh, Tk, hs)
 
-        if self.flash:
-            # one fused kernel (FlashAttention on recent GPUs); never materialises the T x T scores.
-            # On the CPU under bfloat16 autocast its backward is 5x slower than in float32 (torch 2.13,
-            # 7.3 vs 1.4 ms a call at 4 x 128, block 64): there flash=False trains faster (bench.py)
-            if Tk == T or T == 1:  # one query, the last token, sees every key: no mask at all
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=T > 1,
-                                                   dropout_p=self.dropout if self.training else 0.0)
-            else:  # is_causal aligns its mask top-left (query 0 sees key 0 only): wrong after a cache
-                causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # (T, Tk)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal,
-                                                   dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if self.flash and (Tk == T or T == 1):
+            # one fused kernel (FlashAttention on recent GPUs); never materialises the T x T scores. Its
+            # is_causal mask is aligned top-left (query 0 sees key 0 only): right without a cache; a single
+            # query, the last token, sees every key. On the CPU under bfloat16 autocast its backward is 5x
+            # slower than in float32 (torch 2.13, 7.3 vs 1.4 ms a call at 4 x 128, block 64): there
+            # flash=False trains faster (bench.py)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=T > 1, dropout_p=dropout)
         else:
-            # the same computation written out, to read and to step through in a debugger. Query i is token
-            # Tk - T + i of the sequence and sees the keys up to that one: the causal mask is a bias, -inf on
-            # the later keys (a weight of 0 after the softmax) and 0 elsewhere, added to the scores q.k / sqrt(hs)
+            # query i is token Tk - T + i of the sequence and sees the keys up to that one: the causal mask is a
+            # bias, -inf on the later keys (a weight of 0 after the softmax) and 0 elsewhere, added to the scores
             mask = torch.full((T, Tk), float('-inf'), dtype=q.dtype, device=x.device)
             mask = mask.triu(diagonal=Tk - T + 1)  # (T, Tk): -inf above the shifted diagonal, 0 on and below it
-            # att = q @ k.transpose(-2, -1) / sqrt(hs) + mask, as one op: baddbmm(mask, a, b, alpha) is mask +
-            # alpha * (a @ b) for each of the B * nh heads; a step of nanoGPT's CPU command 4-7 % faster than a
-            # matmul, a scaling and a masked_fill (bf16, 2 cores, one process side by side)
-            att = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
-                                alpha=1.0 / math.sqrt(hs))  # (B * nh, T, hs) @ (B * nh, hs, Tk) -> (B * nh, T, Tk)
-            att = att.view(B, self.n_head, T, Tk)  # (B, nh, T, Tk)
-            att = F.softmax(att, dim=-1)  # (B, nh, T, Tk), each row sums to 1
-            att = self.attn_dropout(att)
-            y = att @ v  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs)
+            if self.flash:  # after a cache: the fused kernel, with that mask
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            else:
+                # the same computation written out, to read and to step through in a debugger:
+                # att = q @ k.transpose(-2, -1) / sqrt(hs) + mask, as one op: baddbmm(mask, a, b, alpha) is mask
+                # + alpha * (a @ b) for each of the B * nh heads; a step of nanoGPT's CPU command 4-7 % faster
+                # than a matmul, a scaling and a masked_fill (bf16, 2 cores, one process side by side)
+                att = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+                                    alpha=1.0 / math.sqrt(hs))  # (B*nh, T, hs) @ (B*nh, hs, Tk) -> (B*nh, T, Tk)
+                att = att.view(B, self.n_head, T, Tk)  # (B, nh, T, Tk)
+                att = F.softmax(att, dim=-1)  # (B, nh, T, Tk), each row sums to 1
+                att = self.attn_dropout(att)
+                y = att @ v  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
 
         return self.resid_dropout(self.c_proj(y))
