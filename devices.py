@@ -24,7 +24,6 @@ import signal
 import sys
 from contextlib import nullcontext, suppress
 
-import numpy as np
 import torch
 
 def pick_device(device='auto'):
@@ -135,16 +134,19 @@ def pick_backend(device, nccl=None):
     return 'nccl' if device.startswith('cuda') and nccl else 'gloo'
 
 
-def end_processes():
-    """The last lines of a torchrun process, after its last collective: all processes leave together, the
-    process group is closed, atexit's handlers run, and the process ends at once (os._exit), without the
-    interpreter's teardown. In that teardown a thread of Gloo's that still holds a finished exchange's tensors
-    can need Python's lock as Python shuts down, and the process aborts with "terminate called without an
+def end_processes(ddp):
+    """The last lines of train.py and eval.py: under torchrun all processes leave together (after the last
+    collective) and the process group is closed; then atexit's handlers run (the run's lock is released,
+    wandb's last upload) and the process ends at once (os._exit), without the interpreter's teardown, which
+    takes 0.6 s once torch.optim has loaded torch._dynamo (1 % of nanoGPT's CPU command, issue 14). Under
+    torchrun that teardown can also abort: a thread of Gloo's that still holds a finished exchange's tensors
+    can need Python's lock as Python shuts down, and the process dies with "terminate called without an
     active exception": seen once in about a thousand torchrun runs of the test suite on 2 cores (the
     mechanism is described in PyTorch pull request 179291)."""
-    torch.distributed.barrier()  # the master may still be writing a checkpoint while the others are done
-    torch.distributed.destroy_process_group()
-    atexit._run_exitfuncs()  # what a normal exit would run: the run's lock released, wandb's last upload
+    if ddp:
+        torch.distributed.barrier()  # the master may still be writing a checkpoint while the others are done
+        torch.distributed.destroy_process_group()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -208,12 +210,31 @@ def fork_rng(device):
     return torch.random.fork_rng(devices=[])
 
 
+def mix64(h, *ints):
+    """Fold ints into the 64-bit hash h, each by splitmix64's finaliser (Steele, Lea and Flood 2014): a pure
+    function, the same on every machine and every numpy or torch version. A few us, where building numpy's
+    default_rng(ints) took 270 us between two training steps (its code out of the caches; issue 14)."""
+    for v in ints:
+        h = (h ^ v) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ h >> 30) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ h >> 27) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h
+
+
+def draw(stream, n, high):
+    """n ints in [0, high), a pure function of stream, a tuple of ints: where the windows of a batch start
+    (DESIGN.md, Determinism). Int j is mix64 of the stream and j, modulo high (its bias, high / 2**64, is nil)."""
+    h = mix64(0, *stream)
+    return [mix64(h, j) % high for j in range(n)]
+
+
 def step_seed(seed, iter_num, micro_step):
     """The seed of the dropout masks of one global micro-step: like its batch (DESIGN.md, Determinism) a pure
     function of (seed, iter_num, global micro-step index). So the processes of a run draw different masks
     (one seed for all would correlate the noise across the global batch), 2 processes draw the masks 1
     process does, and a resumed run draws the masks the uninterrupted one did, on every device type."""
-    return int(np.random.SeedSequence([seed, 3, iter_num, micro_step]).generate_state(1, np.uint64)[0])
+    return mix64(0, seed, 3, iter_num, micro_step)
 
 
 def shard(model):

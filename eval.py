@@ -219,5 +219,4 @@ else:  # hellaswag
     where = '' if kind == 'gpt2' else f", tokenizer {kind}"
     log(f"hellaswag: acc {right / n:.4f} acc_norm {right_norm / n:.4f} ({int(n)} examples{where})")
 
-if ddp:
-    end_processes()  # together, and without a teardown that can abort (devices.py)
+end_processes(ddp)  # under torchrun together; without the interpreter's teardown (devices.py)

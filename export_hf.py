@@ -10,13 +10,16 @@ merges.txt and tokenizer.json, derived from data/gpt2.tiktoken; for data with it
 a copy of it; for a character vocabulary nothing (it has no Hugging Face form). A chat model (tokenizer.py's
 template) adds its markers as special tokens and a chat_template to tokenizer_config.json, so that
 tokenizer.apply_chat_template(messages, add_generation_prompt=True) gives the ids chat.py feeds, and greedy
-generate (which stops at the markers: generation_config.json) gives chat.py --temperature=0's reply. Only bias=True
-models without architecture switches have GPT-2's layout (checkpoint.py says how it differs from ours).
+generate (which stops at the markers: generation_config.json) gives chat.py --temperature=0's reply. Only models
+without architecture switches have GPT-2's layout (checkpoint.py says how it differs from ours); a bias=False
+model's biases are written as zeros.
 """
 
 import json
 import os
 import shutil
+
+import torch
 
 import configurator
 from checkpoint import find_checkpoint, load_model
@@ -128,9 +131,6 @@ def export():
     except (ValueError, DataError) as e:
         fail(e)
     config = model.config
-    if not config.bias:
-        fail(f"{ckpt_path} is a bias=False model, but GPT-2's layout (and transformers' GPT2LMHeadModel) has biases "
-             f"in every Linear and LayerNorm: train with --bias=True to export")
     switches = [k for k in ('rope', 'rmsnorm', 'swiglu', 'qk_norm') if getattr(config, k)] + \
         (['n_kv_head'] if config.n_kv_head not in (0, config.n_head) else [])
     if switches:
@@ -152,6 +152,9 @@ def export():
         if k == 'transformer.wte.weight':
             v = v[:vocab_size]  # train.py pads GPT-2's 50,257 tokens to 50,304: the padding rows are never used
         weights[k] = (v.t() if k.endswith(HF_CONV1D) else v).contiguous()  # HF's Conv1D: (in, out)
+        if not config.bias and k.startswith(('transformer.h.', 'transformer.ln_f.')):  # a Linear or LayerNorm
+            # GPT-2's layout has a bias in each; a bias=False model's are zeros, which change nothing (exact)
+            weights[k.removesuffix('weight') + 'bias'] = torch.zeros(v.size(0))  # (out features,)
     hf_config = dict(
         architectures=['GPT2LMHeadModel'], model_type='gpt2',
         vocab_size=vocab_size, n_positions=config.block_size, n_ctx=config.block_size,  # n_ctx: older readers

@@ -140,13 +140,14 @@ def masked_mean_loss(repo, out_dir, dataset, streams, block_size=32, batch_size=
     """The mean cross-entropy over every assistant token of the batches of streams, computed here: rows of
     block_size + 1 tokens from conversation starts (DESIGN.md's batch contract), the model of out_dir/ckpt.pt."""
     from checkpoint import load_checkpoint
+    from devices import draw
     data = repo / 'data' / dataset
     ids, mask = np.fromfile(data / 'train.bin', dtype=np.uint16), np.fromfile(data / 'train_mask.bin', dtype=np.uint8)
     starts = np.fromfile(data / 'train_starts.bin', dtype=np.uint64).astype(np.int64)
     model, _ = load_checkpoint(str(repo / out_dir / 'ckpt.pt'), 'cpu')
     nll, count = 0.0, 0
     for stream in streams:
-        for s in starts[np.random.default_rng(stream).integers(0, len(starts), size=batch_size)]:
+        for s in starts[draw(stream, batch_size, len(starts))]:
             row = np.zeros(block_size + 1, dtype=np.int64)
             keep = np.zeros(block_size + 1, dtype=bool)
             n = min(block_size + 1, len(ids) - s)

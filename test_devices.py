@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,6 +212,18 @@ def test_dropout_masks_differ_across_ranks():
     is checked where 2 processes are compared with 1 (test_resume.py::test_two_processes_equal_one, dropout 0.3)."""
     seeds = {D.step_seed(1337, it, m) for it in range(3) for m in range(4)}
     assert len(seeds) == 12
+
+
+def test_batches_are_drawn_by_splitmix64():
+    """devices.mix64 folds with splitmix64's finaliser: from state 0, SplitMix64 (Steele, Lea and Flood 2014;
+    Vigna's splitmix64.c) gives 0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4, 0x06c45d188009454f. draw, where a
+    batch's windows start, is a pure function of its stream, in range, and even (a chi-square test)."""
+    golden = 0x9E3779B97F4A7C15  # SplitMix64's increment
+    assert [D.mix64(0, k * golden % 2**64) for k in range(3)] == [0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4,
+                                                                   0x06c45d188009454f]
+    assert D.draw((1337, 0, 5, 1), 12, 1000) == D.draw((1337, 0, 5, 1), 12, 1000) != D.draw((1337, 0, 5, 2), 12, 1000)
+    counts = np.bincount([i for it in range(1000) for i in D.draw((1337, 0, it, 0), 12, 10)], minlength=10)
+    assert len(counts) == 10 and ((counts - 1200) ** 2 / 1200).sum() < 27.9  # the 0.1 % tail at 9 degrees of freedom
 
 
 def test_a_non_master_rank_failure_names_the_rank(repo):

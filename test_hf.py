@@ -351,11 +351,18 @@ def test_export_failure_while_writing_leaves_nothing(repo, char_ckpt, tmp_path, 
     assert not [f for f in os.listdir(repo) if f.startswith('out-full')]
 
 
-def test_export_refuses_bias_false(repo):
-    """GPT-2's layout has biases in every Linear and LayerNorm."""
+def test_export_bias_false_model(repo):
+    """GPT-2's layout has a bias in every Linear and LayerNorm: a bias=False model's are written as zeros,
+    and transformers' logits are ours."""
     run(repo, 'train.py', *TINY, '--max_iters=1', '--eval_interval=1', '--bias=False', '--out_dir=out-nobias')
-    assert_one_line_error(export(repo, '--hf_dir=out-nobias-hf', out_dir='out-nobias'), 'bias=False', '--bias=True')
-    assert not os.path.exists(repo / 'out-nobias-hf')
+    ours = liven_checkpoint(repo / 'out-nobias' / 'ckpt.pt')
+    assert not ours.config.bias
+    run(repo, 'export_hf.py', '--out_dir=out-nobias', '--hf_dir=out-nobias-hf')
+    hf = GPT2LMHeadModel.from_pretrained(repo / 'out-nobias-hf').eval()
+    assert hf.transformer.h[0].mlp.c_fc.bias.abs().sum() == 0 and hf.transformer.ln_f.bias.shape == (16,)
+    idx = ids(T=16, vocab_size=65)
+    with torch.no_grad():
+        torch.testing.assert_close(all_logits(ours, idx), hf(idx).logits, atol=TOL, rtol=0)
 
 
 def test_export_refuses_architecture_switches(repo):

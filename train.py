@@ -26,10 +26,10 @@ import torch.distributed as dist
 import configurator
 from checkpoint import (CheckpointError, full_state, hold_out_dir, resume_optimizer, save_checkpoint, shapes_only,
                         split_model_args, train_model)
-from devices import (StopSignals, autocast_context, check_accumulation, compile_checked, device_memory, end_processes,
-                     estimate_memory, exit_on_oom, fail_together, fork_rng, grad_scaler, keep_freed_memory,
-                     memory_report, peak_flops, pick_backend, pick_compile, pick_device, pick_dtype, pick_flash, shard,
-                     step_seed, use_device, without_fused)
+from devices import (StopSignals, autocast_context, check_accumulation, compile_checked, device_memory, draw,
+                     end_processes, estimate_memory, exit_on_oom, fail_together, fork_rng, grad_scaler,
+                     keep_freed_memory, memory_report, peak_flops, pick_backend, pick_compile, pick_device, pick_dtype,
+                     pick_flash, shard, step_seed, use_device, without_fused)
 from model import GPT, GPTConfig
 from muon import make_optimizer
 from plot import RunLog
@@ -158,28 +158,40 @@ if eval_sample:
         fail(f"eval_sample: {e}")
 
 
+open_files = {}  # data_dir's files, each opened once
+
+
+def read(name, dtype, start, n):
+    """n items of dtype from item start on of data_dir/name: a seek and a read. Neither a np.memmap for every
+    batch (0.3 ms of nanoGPT's 25 ms CPU step: mapping, faulting the pages in, unmapping) nor one kept open
+    (it keeps every page it has read mapped, so the process seems to grow with the file)."""
+    if name not in open_files:
+        open_files[name] = open(os.path.join(data_dir, name), 'rb')
+    f = open_files[name]
+    f.seek(start * np.dtype(dtype).itemsize)
+    return np.fromfile(f, dtype=dtype, count=n)
+
+
 def get_batch(split, stream):
     """A batch of batch_size random windows of block_size + 1 tokens: inputs x and targets y (x shifted by one).
-    Which windows is a pure function of stream, a tuple of 4 ints (DESIGN.md, Determinism)."""
-    # a new memmap for every batch: one kept open keeps every page it has read mapped,
-    # and the process grows with the file (see stackoverflow.com/questions/45132940)
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r')
+    Which windows is a pure function of stream, a tuple of 4 ints (DESIGN.md, Determinism; devices.draw)."""
+    n_tokens = meta[f'{split}_tokens']  # what the file holds (check_bins)
     if chat:
         # A row starts where a conversation does (never mid-turn) and runs on into the conversations after it:
         # packing, so no compute goes to padding and a conversation is cut only by the row's end (a conversation
         # longer than the row loses its end). Only the split's last rows are padded, with id 0, never a target.
         # Targets outside the assistant's turns are -1, which the loss ignores.
-        starts = np.memmap(os.path.join(data_dir, f'{split}_starts.bin'), dtype=np.uint64, mode='r')
-        mask = np.memmap(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
         rows = np.zeros((batch_size, block_size + 1), dtype=np.int64)  # (B, T + 1)
         counts = np.zeros((batch_size, block_size + 1), dtype=bool)  # (B, T + 1)
-        for r, i in enumerate(starts[np.random.default_rng(stream).integers(0, len(starts), size=batch_size)]):
-            n = min(block_size + 1, len(data) - int(i))
-            rows[r, :n], counts[r, :n] = data[int(i):int(i) + n], mask[int(i):int(i) + n]
+        for r, k in enumerate(draw(stream, batch_size, meta[f'{split}_conversations'])):
+            i = int(read(f'{split}_starts.bin', np.uint64, k, 1)[0])  # where conversation k starts
+            n = min(block_size + 1, n_tokens - i)
+            rows[r, :n] = read(f'{split}.bin', meta['dtype'], i, n)
+            counts[r, :n] = read(f'{split}_mask.bin', np.uint8, i, n)
         targets = np.where(counts[:, 1:], rows[:, 1:], -1)  # (B, T)
     else:
-        ix = np.random.default_rng(stream).integers(0, len(data) - block_size, size=batch_size)
-        rows = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)  # (B, T + 1): each window read once
+        rows = np.stack([read(f'{split}.bin', meta['dtype'], i, block_size + 1)
+                         for i in draw(stream, batch_size, n_tokens - block_size)]).astype(np.int64)  # (B, T + 1)
         targets = rows[:, 1:]  # (B, T)
     # copied out of the rows, contiguous: the loss flattens the targets with view(-1), which a strided slice refuses
     x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # (B, T)
@@ -397,7 +409,8 @@ while True:
             dist.all_reduce(n_targets)
         scale = world / n_targets.clamp(min=1)  # * world: DDP and FSDP average the processes' gradients
     for micro_step, (X, Y) in enumerate(batches):
-        torch.manual_seed(step_seed(seed, iter_num, rank * micro_steps + micro_step))  # its dropout masks, likewise
+        if dropout > 0.0:  # its dropout masks, likewise; without dropout nothing in a step draws (0.1 ms saved)
+            torch.manual_seed(step_seed(seed, iter_num, rank * micro_steps + micro_step))
         last = micro_step == micro_steps - 1  # under DDP or FSDP, the gradients are averaged in the last backward only
         if ddp and fsdp:
             raw_model.set_requires_gradient_sync(last)
@@ -444,5 +457,4 @@ while True:
     iter_num += 1
     t0 = time.perf_counter()
 
-if ddp:
-    end_processes()  # together, and without a teardown that can abort (devices.py)
+end_processes(ddp)  # under torchrun together; without the interpreter's teardown (devices.py)
