@@ -241,3 +241,30 @@ def test_accumulation_not_divisible_by_processes(repo):
     assert p.returncode != 0
     assert 'gradient_accumulation_steps 3 is not divisible by the 2 processes' in p.stderr
     assert p.stderr.count('error: gradient_accumulation_steps 3') == 1  # one line from rank 0 (others name their rank)
+
+
+def test_evaluation_is_the_mean_over_its_batches(repo):
+    """estimate_loss: the mean loss over every target of the split's eval_iters batches (the windows devices.draw
+    gives stream (0, 2, k, 0) for val), computed here from the checkpoint of the evaluated weights. The same with
+    the 3 batches in one forward (1 process) and on 2 processes, where rank 1's second batch repeats the last
+    one and must not count."""
+    import numpy as np
+    import torch.nn.functional as F
+    from checkpoint import load_checkpoint
+    from devices import draw
+    args = [*TINY, '--eval_iters=3', '--max_iters=1', '--eval_interval=1', '--gradient_accumulation_steps=2']
+    run(repo, 'train.py', *args, '--out_dir=out-eval1')
+    torchrun(repo, *args, '--out_dir=out-eval2')
+    model, _ = load_checkpoint(str(repo / 'out-eval1' / 'ckpt.pt'), 'cpu')
+    ids = np.fromfile(repo / 'data' / 'shakespeare_char' / 'val.bin', dtype=np.uint16).astype(np.int64)
+    nll, count = 0.0, 0
+    for k in range(3):
+        rows = torch.from_numpy(np.stack([ids[i:i + 17] for i in draw((0, 2, k, 0), 4, len(ids) - 16)]))  # (4, 17)
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (4, 16) each
+        with torch.no_grad():
+            logits, _ = model(x, y)
+        nll += F.cross_entropy(logits.double().flatten(0, 1), y.flatten(), reduction='sum').item()
+        count += y.numel()
+    vals = [[r['val_loss'] for r in map(json.loads, (repo / out / 'log.jsonl').read_text().splitlines())
+             if r.get('iter') == 1 and 'val_loss' in r][0] for out in ('out-eval1', 'out-eval2')]
+    assert vals == pytest.approx([nll / count] * 2, abs=1e-5)
