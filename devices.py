@@ -138,14 +138,18 @@ def end_processes(ddp):
     """The last lines of train.py and eval.py: under torchrun all processes leave together (after the last
     collective) and the process group is closed; then atexit's handlers run (the run's lock is released,
     wandb's last upload) and the process ends at once (os._exit), without the interpreter's teardown, which
-    takes 0.6 s once torch.optim has loaded torch._dynamo (1 % of nanoGPT's CPU command, issue 14). Under
+    takes 0.5-0.6 s once torch.optim has loaded torch._dynamo (1 % of nanoGPT's CPU command, issue 14). Under
     torchrun that teardown can also abort: a thread of Gloo's that still holds a finished exchange's tensors
     can need Python's lock as Python shuts down, and the process dies with "terminate called without an
     active exception": seen once in about a thousand torchrun runs of the test suite on 2 cores (the
-    mechanism is described in PyTorch pull request 179291)."""
+    mechanism is described in PyTorch pull request 179291). One process run under a debugger, a profiler,
+    IPython or python -i ends as usual: that tool still needs the process."""
     if ddp:
         torch.distributed.barrier()  # the master may still be writing a checkpoint while the others are done
         torch.distributed.destroy_process_group()
+    elif (sys.flags.interactive or sys.gettrace() or sys.getprofile()
+          or not {'bdb', 'IPython', 'pydevd'}.isdisjoint(sys.modules)):  # pdb, cProfile, %run, an IDE's debugger
+        return
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

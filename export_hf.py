@@ -152,8 +152,8 @@ def export():
         if k == 'transformer.wte.weight':
             v = v[:vocab_size]  # train.py pads GPT-2's 50,257 tokens to 50,304: the padding rows are never used
         weights[k] = (v.t() if k.endswith(HF_CONV1D) else v).contiguous()  # HF's Conv1D: (in, out)
-        if not config.bias and k.startswith(('transformer.h.', 'transformer.ln_f.')):  # a Linear or LayerNorm
-            # GPT-2's layout has a bias in each; a bias=False model's are zeros, which change nothing (exact)
+        if not config.bias and k.startswith(('transformer.h.', 'transformer.ln_f.')) and k.endswith('.weight'):
+            # a Linear's or LayerNorm's: GPT-2's layout has a bias beside it; zeros change nothing (exact)
             weights[k.removesuffix('weight') + 'bias'] = torch.zeros(v.size(0))  # (out features,)
     hf_config = dict(
         architectures=['GPT2LMHeadModel'], model_type='gpt2',

@@ -217,13 +217,27 @@ def test_dropout_masks_differ_across_ranks():
 def test_batches_are_drawn_by_splitmix64():
     """devices.mix64 folds with splitmix64's finaliser: from state 0, SplitMix64 (Steele, Lea and Flood 2014;
     Vigna's splitmix64.c) gives 0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4, 0x06c45d188009454f. draw, where a
-    batch's windows start, is a pure function of its stream, in range, and even (a chi-square test)."""
+    batch's windows start, differs between streams, stays in range, and is even (a chi-square test)."""
     golden = 0x9E3779B97F4A7C15  # SplitMix64's increment
     assert [D.mix64(0, k * golden % 2**64) for k in range(3)] == [0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4,
                                                                    0x06c45d188009454f]
-    assert D.draw((1337, 0, 5, 1), 12, 1000) == D.draw((1337, 0, 5, 1), 12, 1000) != D.draw((1337, 0, 5, 2), 12, 1000)
+    assert D.draw((1337, 0, 5, 1), 12, 1000) != D.draw((1337, 0, 5, 2), 12, 1000)
+    assert {i for it in range(100) for i in D.draw((1337, 0, it, 0), 12, 7)} == set(range(7))  # 0 ... high - 1
     counts = np.bincount([i for it in range(1000) for i in D.draw((1337, 0, it, 0), 12, 10)], minlength=10)
     assert len(counts) == 10 and ((counts - 1200) ** 2 / 1200).sum() < 27.9  # the 0.1 % tail at 9 degrees of freedom
+
+
+def test_a_debugger_or_profiler_keeps_the_process_after_the_run(repo, tmp_path):
+    """end_processes ends a run with os._exit, except where a tool around the script still needs the process:
+    pdb gets to say the program finished, cProfile writes its file."""
+    args = ['train.py', *TINY, '--max_iters=1', '--eval_interval=1']
+    p = subprocess.run([sys.executable, '-m', 'pdb', *args, '--out_dir=out-pdb'], input='c\nq\n', cwd=repo,
+                       capture_output=True, text=True, timeout=300)
+    assert 'The program finished and will be restarted' in p.stdout, p.stdout + p.stderr
+    prof = tmp_path / 'train.prof'
+    subprocess.run([sys.executable, '-m', 'cProfile', '-o', str(prof), *args, '--out_dir=out-prof'], cwd=repo,
+                   check=True, capture_output=True, timeout=300)
+    assert prof.stat().st_size > 0
 
 
 def test_a_non_master_rank_failure_names_the_rank(repo):

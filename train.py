@@ -158,18 +158,26 @@ if eval_sample:
         fail(f"eval_sample: {e}")
 
 
-open_files = {}  # data_dir's files, each opened once
+# The token files (and a chat dataset's masks), opened once, now that check_bins has found them whole: get_batch
+# reads a window by a seek and a read. Not a np.memmap for every batch (0.5 ms between two steps of nanoGPT's
+# CPU command: mapping, faulting pages in, unmapping), nor one kept open (it keeps every page it has read
+# mapped, so the process seems to grow with the file). On Linux and macOS this run keeps reading the files it
+# opened if prepare.py replaces them; on Windows they cannot be replaced while it runs.
+open_files = {name: open(os.path.join(data_dir, name), 'rb', buffering=0)
+              for split in ('train', 'val') for name in [f'{split}.bin'] + ([f'{split}_mask.bin'] if chat else [])}
+starts = {split: np.fromfile(os.path.join(data_dir, f'{split}_starts.bin'), dtype=np.uint64).astype(np.int64)
+          for split in ('train', 'val')} if chat else {}  # where each conversation begins, 8 bytes each
 
 
 def read(name, dtype, start, n):
-    """n items of dtype from item start on of data_dir/name: a seek and a read. Neither a np.memmap for every
-    batch (0.3 ms of nanoGPT's 25 ms CPU step: mapping, faulting the pages in, unmapping) nor one kept open
-    (it keeps every page it has read mapped, so the process seems to grow with the file)."""
-    if name not in open_files:
-        open_files[name] = open(os.path.join(data_dir, name), 'rb')
-    f = open_files[name]
-    f.seek(start * np.dtype(dtype).itemsize)
-    return np.fromfile(f, dtype=dtype, count=n)
+    """n items of dtype from item start on of data_dir/name."""
+    f, size = open_files[name], np.dtype(dtype).itemsize
+    f.seek(start * size)
+    items = np.frombuffer(f.read(n * size), dtype=dtype)
+    if len(items) != n:  # check_bins found it whole: something cut it since
+        fail(f"{os.path.join(data_dir, name)} ended before item {start + n:,}: it changed while this run read it; "
+             f"remake it with prepare.py and resume (--init_from=resume)")
+    return items
 
 
 def get_batch(split, stream):
@@ -183,8 +191,8 @@ def get_batch(split, stream):
         # Targets outside the assistant's turns are -1, which the loss ignores.
         rows = np.zeros((batch_size, block_size + 1), dtype=np.int64)  # (B, T + 1)
         counts = np.zeros((batch_size, block_size + 1), dtype=bool)  # (B, T + 1)
-        for r, k in enumerate(draw(stream, batch_size, meta[f'{split}_conversations'])):
-            i = int(read(f'{split}_starts.bin', np.uint64, k, 1)[0])  # where conversation k starts
+        for r, k in enumerate(draw(stream, batch_size, len(starts[split]))):
+            i = int(starts[split][k])  # where conversation k begins
             n = min(block_size + 1, n_tokens - i)
             rows[r, :n] = read(f'{split}.bin', meta['dtype'], i, n)
             counts[r, :n] = read(f'{split}_mask.bin', np.uint8, i, n)
@@ -242,7 +250,7 @@ for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inpu
              f"{block_size + 1}: lower --block_size or give the split more text")
 hellaswag = [(*render_hellaswag(c, endings, tok, block_size), label) for _, c, endings, label in hellaswag]
 if chat:
-    n = np.diff(np.fromfile(os.path.join(data_dir, 'train_starts.bin'), dtype=np.uint64), append=meta['train_tokens'])
+    n = np.diff(starts['train'], append=meta['train_tokens'])  # each conversation's tokens
     log(f"{len(n):,} train conversations, {(n > block_size + 1).sum():,} of them longer than block_size + 1 = "
         f"{block_size + 1} tokens: cut at the end of their row")
 
@@ -306,10 +314,11 @@ def estimate_loss():
     rounds = math.ceil(eval_iters / world)  # every process runs as many forward passes (FSDP needs it)
     mine = range(rank, rounds * world, world)  # this process's batches; those past eval_iters repeat the last
     # batches side by side in one forward of up to 8,192 tokens (and 2**24 logits): nanoGPT's CPU command has
-    # 768-token batches, too small for fast matmuls; 10 at once evaluate in half the time (issue 14). Not when
-    # compiled: another shape would compile another graph
+    # 768-token batches, too small for fast matmuls; 10 at once evaluate in half the time (issue 14). On the CPU
+    # only, where it was measured, and not compiled: another shape would compile another graph
     tokens = batch_size * block_size
-    group = 1 if compile else max(1, min(8192 // tokens, 2**24 // (tokens * model_args['vocab_size'])))
+    group = max(1, min(8192 // tokens, 2**24 // (tokens * model_args['vocab_size'])))
+    group = group if device_type == 'cpu' and not compile else 1
     for i, split in enumerate(('train', 'val')):
         total = torch.zeros(4, device=device)  # the targets' summed loss, their number; the text's loss, its bytes
         for g in range(0, rounds, group):
