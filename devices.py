@@ -1,6 +1,6 @@
 """
 Where and how a model runs: the device, the precision (and float16's GradScaler), compile and the attention
-path, the distributed backend, the accumulation split and FSDP's sharding, the random state of each step,
+path, the distributed backend, the accumulation split and FSDP's sharding, forking the random state,
 memory (how much there is, what a step needs, what to do when it runs out: exit_on_oom; freed memory reused
 instead of faulted in afresh: keep_freed_memory), the peak FLOPs MFU is measured against, and how processes
 stop: together on an error (fail_together), at a signal (StopSignals), at the end (end_processes).
@@ -25,6 +25,7 @@ import sys
 from contextlib import nullcontext, suppress
 
 import torch
+
 
 def pick_device(device='auto'):
     """'auto' is the best the machine has: CUDA, then Apple's MPS, then the CPU."""
@@ -212,33 +213,6 @@ def fork_rng(device):
     if kind in ('cuda', 'mps'):
         return torch.random.fork_rng(devices=[device], device_type=kind)
     return torch.random.fork_rng(devices=[])
-
-
-def mix64(h, *ints):
-    """Fold ints into the 64-bit hash h, each by splitmix64's finaliser (Steele, Lea and Flood 2014): a pure
-    function, the same on every machine and every numpy or torch version. A few us, where building numpy's
-    default_rng(ints) took 270 us between two training steps (its code out of the caches; issue 14)."""
-    for v in ints:
-        h = (h ^ v) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ h >> 30) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ h >> 27) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h
-
-
-def draw(stream, n, high):
-    """n ints in [0, high), a pure function of stream, a tuple of ints: where the windows of a batch start
-    (DESIGN.md, Determinism). Int j is mix64 of the stream and j, modulo high (its bias, high / 2**64, is nil)."""
-    h = mix64(0, *stream)
-    return [mix64(h, j) % high for j in range(n)]
-
-
-def step_seed(seed, iter_num, micro_step):
-    """The seed of the dropout masks of one global micro-step: like its batch (DESIGN.md, Determinism) a pure
-    function of (seed, iter_num, global micro-step index). So the processes of a run draw different masks
-    (one seed for all would correlate the noise across the global batch), 2 processes draw the masks 1
-    process does, and a resumed run draws the masks the uninterrupted one did, on every device type."""
-    return mix64(0, seed, 3, iter_num, micro_step)
 
 
 def shard(model):

@@ -140,7 +140,7 @@ def masked_mean_loss(repo, out_dir, dataset, streams, block_size=32, batch_size=
     """The mean cross-entropy over every assistant token of the batches of streams, computed here: rows of
     block_size + 1 tokens from conversation starts (DESIGN.md's batch contract), the model of out_dir/ckpt.pt."""
     from checkpoint import load_checkpoint
-    from devices import draw
+    from batches import draw
     data = repo / 'data' / dataset
     ids, mask = np.fromfile(data / 'train.bin', dtype=np.uint16), np.fromfile(data / 'train_mask.bin', dtype=np.uint8)
     starts = np.fromfile(data / 'train_starts.bin', dtype=np.uint64).astype(np.int64)

@@ -133,7 +133,7 @@ def test_pick_dtype(monkeypatch):
 # That code, resumed to 6 iterations, logged these losses (its log.jsonl); sampling gave these texts.
 # Since issue 18 the dropout masks come from a seed per micro-step and loading builds the model on the meta
 # device, drawing no random numbers; since issue 14 the windows of every batch, and those seeds, are drawn by
-# devices.mix64. So the greedy text is still the old code's (the weights are the same), while the sampled text
+# batches.mix64. So the greedy text is still the old code's (the weights are the same), while the sampled text
 # and the losses and val losses after the resume are this code's (the old code's: 3.8132057189941406,
 # 3.6326351165771484; val 3.9245657920837402, 3.849414587020874; text 'ROMEO:YRLZL&KMG-:$frHsxuOjOu.\nEEVCCe').
 OLD = os.path.join(ROOT, 'data', 'fixtures', 'ckpt_before_modules.pt')
@@ -186,7 +186,7 @@ def test_load_model_from_a_folder_a_file_and_last_pt(repo, capsys, monkeypatch):
 
 
 PROJECT = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith('.py') and not f.startswith('test_'))
-MODULES = {'model', 'configurator', 'tokenizer', 'devices', 'checkpoint', 'scoring', 'plot', 'downloads', 'hf_gpt2',
+MODULES = {'model', 'configurator', 'tokenizer', 'batches', 'devices', 'checkpoint', 'scoring', 'plot', 'downloads', 'hf_gpt2',
            'muon'}  # plot.py: a command that train.py imports too
 
 
@@ -213,7 +213,7 @@ def test_model_py_imports_no_project_file():
 
 def test_no_import_cycle_and_modules_import_no_command():
     graph = {name: imports_of(name) - {name} for name in PROJECT}
-    assert graph['tokenizer'] <= set() and graph['devices'] <= set() and graph['muon'] <= set()
+    assert graph['tokenizer'] <= set() and graph['batches'] <= set() and graph['devices'] <= set() and graph['muon'] <= set()
     assert graph['checkpoint'] <= {'model', 'tokenizer', 'devices', 'downloads', 'hf_gpt2'}
     for name in MODULES:
         assert graph[name] <= MODULES, f"{name}.py imports a command: {graph[name] - MODULES}"

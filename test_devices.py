@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import batches as B
 import checkpoint as C
 import devices as D
 from model import GPT, GPTConfig
@@ -210,20 +211,20 @@ def test_dropout_masks_differ_across_ranks():
     """Each global micro-step has its own dropout seed: rank 1's masks are not rank 0's. That 2 processes
     therefore draw what 1 process draws for the same micro-steps, and with dropout still train the same model,
     is checked where 2 processes are compared with 1 (test_resume.py::test_two_processes_equal_one, dropout 0.3)."""
-    seeds = {D.step_seed(1337, it, m) for it in range(3) for m in range(4)}
+    seeds = {B.step_seed(1337, it, m) for it in range(3) for m in range(4)}
     assert len(seeds) == 12
 
 
 def test_batches_are_drawn_by_splitmix64():
-    """devices.mix64 folds with splitmix64's finaliser: from state 0, SplitMix64 (Steele, Lea and Flood 2014;
+    """batches.mix64 folds with splitmix64's finaliser: from state 0, SplitMix64 (Steele, Lea and Flood 2014;
     Vigna's splitmix64.c) gives 0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4, 0x06c45d188009454f. draw, where a
     batch's windows start, differs between streams, stays in range, and is even (a chi-square test)."""
     golden = 0x9E3779B97F4A7C15  # SplitMix64's increment
-    assert [D.mix64(0, k * golden % 2**64) for k in range(3)] == [0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4,
+    assert [B.mix64(0, k * golden % 2**64) for k in range(3)] == [0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4,
                                                                    0x06c45d188009454f]
-    assert D.draw((1337, 0, 5, 1), 12, 1000) != D.draw((1337, 0, 5, 2), 12, 1000)
-    assert {i for it in range(100) for i in D.draw((1337, 0, it, 0), 12, 7)} == set(range(7))  # 0 ... high - 1
-    counts = np.bincount([i for it in range(1000) for i in D.draw((1337, 0, it, 0), 12, 10)], minlength=10)
+    assert B.draw((1337, 0, 5, 1), 12, 1000) != B.draw((1337, 0, 5, 2), 12, 1000)
+    assert {i for it in range(100) for i in B.draw((1337, 0, it, 0), 12, 7)} == set(range(7))  # 0 ... high - 1
+    counts = np.bincount([i for it in range(1000) for i in B.draw((1337, 0, it, 0), 12, 10)], minlength=10)
     assert len(counts) == 10 and ((counts - 1200) ** 2 / 1200).sum() < 27.9  # the 0.1 % tail at 9 degrees of freedom
 
 

@@ -245,14 +245,14 @@ def test_accumulation_not_divisible_by_processes(repo):
 
 
 def test_evaluation_is_the_mean_over_its_batches(repo):
-    """estimate_loss: the mean loss over every target of the split's eval_iters batches (the windows devices.draw
+    """estimate_loss: the mean loss over every target of the split's eval_iters batches (the windows batches.draw
     gives stream (0, 2, k, 0) for val), computed here from the checkpoint of the evaluated weights. The same with
     the 3 batches in one forward (1 process) and on 2 processes, where rank 1's second batch repeats the last
     one and must not count."""
     import numpy as np
     import torch.nn.functional as F
     from checkpoint import load_checkpoint
-    from devices import draw
+    from batches import draw
     args = [*TINY, '--eval_iters=3', '--max_iters=1', '--eval_interval=1', '--gradient_accumulation_steps=2']
     run(repo, 'train.py', *args, '--out_dir=out-eval1')
     torchrun(repo, *args, '--out_dir=out-eval2')

@@ -24,12 +24,13 @@ import torch
 import torch.distributed as dist
 
 import configurator
+from batches import Batches, step_seed
 from checkpoint import (CheckpointError, full_state, hold_out_dir, resume_optimizer, save_checkpoint, shapes_only,
                         split_model_args, train_model)
-from devices import (StopSignals, autocast_context, check_accumulation, compile_checked, device_memory, draw,
+from devices import (StopSignals, autocast_context, check_accumulation, compile_checked, device_memory,
                      end_processes, estimate_memory, exit_on_oom, fail_together, fork_rng, grad_scaler,
                      keep_freed_memory, memory_report, peak_flops, pick_backend, pick_compile, pick_device, pick_dtype,
-                     pick_flash, shard, step_seed, use_device, without_fused)
+                     pick_flash, shard, use_device, without_fused)
 from model import GPT, GPTConfig
 from muon import make_optimizer
 from plot import RunLog
@@ -158,49 +159,16 @@ if eval_sample:
         fail(f"eval_sample: {e}")
 
 
-# The token files (and a chat dataset's masks), opened once, now that check_bins has found them whole: get_batch
-# reads a window by a seek and a read. Not a np.memmap for every batch (0.5 ms between two steps of nanoGPT's
-# CPU command: mapping, faulting pages in, unmapping), nor one kept open (it keeps every page it has read
-# mapped, so the process seems to grow with the file). On Linux and macOS this run keeps reading the files it
-# opened if prepare.py replaces them; on Windows they cannot be replaced while it runs.
-open_files = {name: open(os.path.join(data_dir, name), 'rb', buffering=0)
-              for split in ('train', 'val') for name in [f'{split}.bin'] + ([f'{split}_mask.bin'] if chat else [])}
-starts = {split: np.fromfile(os.path.join(data_dir, f'{split}_starts.bin'), dtype=np.uint64).astype(np.int64)
-          for split in ('train', 'val')} if chat else {}  # where each conversation begins, 8 bytes each
-
-
-def read(name, dtype, start, n):
-    """n items of dtype from item start on of data_dir/name."""
-    f, size = open_files[name], np.dtype(dtype).itemsize
-    f.seek(start * size)
-    items = np.frombuffer(f.read(n * size), dtype=dtype)
-    if len(items) != n:  # check_bins found it whole: something cut it since
-        fail(f"{os.path.join(data_dir, name)} ended before item {start + n:,}: it changed while this run read it; "
-             f"remake it with prepare.py and resume (--init_from=resume)")
-    return items
+corpus = Batches(data_dir, meta)  # the files opened once, now that check_bins found them whole
 
 
 def get_batch(split, stream):
     """A batch of batch_size random windows of block_size + 1 tokens: inputs x and targets y (x shifted by one).
-    Which windows is a pure function of stream, a tuple of 4 ints (DESIGN.md, Determinism; devices.draw)."""
-    n_tokens = meta[f'{split}_tokens']  # what the file holds (check_bins)
-    if chat:
-        # A row starts where a conversation does (never mid-turn) and runs on into the conversations after it:
-        # packing, so no compute goes to padding and a conversation is cut only by the row's end (a conversation
-        # longer than the row loses its end). Only the split's last rows are padded, with id 0, never a target.
-        # Targets outside the assistant's turns are -1, which the loss ignores.
-        rows = np.zeros((batch_size, block_size + 1), dtype=np.int64)  # (B, T + 1)
-        counts = np.zeros((batch_size, block_size + 1), dtype=bool)  # (B, T + 1)
-        for r, k in enumerate(draw(stream, batch_size, len(starts[split]))):
-            i = int(starts[split][k])  # where conversation k begins
-            n = min(block_size + 1, n_tokens - i)
-            rows[r, :n] = read(f'{split}.bin', meta['dtype'], i, n)
-            counts[r, :n] = read(f'{split}_mask.bin', np.uint8, i, n)
-        targets = np.where(counts[:, 1:], rows[:, 1:], -1)  # (B, T)
-    else:
-        rows = np.stack([read(f'{split}.bin', meta['dtype'], i, block_size + 1)
-                         for i in draw(stream, batch_size, n_tokens - block_size)]).astype(np.int64)  # (B, T + 1)
-        targets = rows[:, 1:]  # (B, T)
+    Which windows is a pure function of stream, a tuple of 4 ints (DESIGN.md, Determinism; batches.py)."""
+    try:
+        rows, targets = corpus.rows(split, stream, batch_size, block_size)  # (B, T + 1), (B, T)
+    except ValueError as e:
+        fail(e)
     # copied out of the rows, contiguous: the loss flattens the targets with view(-1), which a strided slice refuses
     x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # (B, T)
     y = torch.from_numpy(np.ascontiguousarray(targets))  # (B, T): x shifted by one
@@ -250,7 +218,7 @@ for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inpu
              f"{block_size + 1}: lower --block_size or give the split more text")
 hellaswag = [(*render_hellaswag(c, endings, tok, block_size), label) for _, c, endings, label in hellaswag]
 if chat:
-    n = np.diff(starts['train'], append=meta['train_tokens'])  # each conversation's tokens
+    n = np.diff(corpus.starts['train'], append=meta['train_tokens'])  # each conversation's tokens
     log(f"{len(n):,} train conversations, {(n > block_size + 1).sum():,} of them longer than block_size + 1 = "
         f"{block_size + 1} tokens: cut at the end of their row")
 

@@ -21,7 +21,7 @@
 #   since the written-out attention scales and masks inside one baddbmm (model.py: one bf16 rounding of
 #     the scores where there were two), train.py's whole process: 250 -> 1.865 (19.5 s), 270 -> 1.852
 #     (22.1 s), 300 -> 1.830 (25.2 s)
-#   since each batch's windows are drawn by devices.draw (issue 14: another order of the same data), seed
+#   since each batch's windows are drawn by batches.draw (issue 14: another order of the same data), seed
 #     1337: 250 -> 1.900, 270 -> 1.881, 280 -> 1.865, 300 -> 1.849; seeds 1, 2, 3 at 280: 1.842, 1.878, 1.892
 #     (mean of the four 1.869), at 300: 1.823, 1.853, 1.881. So 280: the spread between seeds is +-0.025
 # On PyTorch < 2.9 (no torch.optim.Muon), the AdamW recipe before it: --optimizer=adamw --max_iters=750
