@@ -20,7 +20,7 @@ train.py takes (forward, backward, gradient clipping, AdamW, zero_grad) on rando
 (vocab 65). After warm-up the variants run round-robin, --iters steps each per round, so the
 machine's drift hits all alike; the table gives median ms per step, tokens/s and the ratio to
 'plain', the way nanoGPT trains on a CPU (float32, no autocast, no compile; but with this repository's
-model.py and keep_freed_memory, so against nanoGPT's own process the gains are larger). A variant joins
+model.py, so against nanoGPT's own process the gains are larger). A variant joins
 options with '+': bf16 (torch.autocast bfloat16), compile (torch.compile), fused (AdamW's fused
 kernel, which configure_optimizers picks on the CPU and CUDA), manual (flash=False: the
 written-out attention), 1thread (torch.set_num_threads(1) while it runs). train.py with
@@ -51,11 +51,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 
 import configurator
-from devices import autocast_context, keep_freed_memory, pick_device
+from devices import pick_device
 from model import GPT, GPTConfig
 from tokenizer import DATA_DIR, gpt2_encoding
 
@@ -313,7 +314,7 @@ def bench_train(s):
         groups = [{'params': g['params'], 'weight_decay': g['weight_decay']}
                   for g in model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(':')[0]).param_groups]
         opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused='fused' in opts, foreach=False)
-        ctx = autocast_context(device, 'bfloat16' if 'bf16' in opts else 'float32')
+        ctx = torch.autocast(device, torch.bfloat16) if 'bf16' in opts else nullcontext()
         fwd = torch.compile(model) if 'compile' in opts else model
         runs[name] = dict(model=model, fwd=fwd, opt=opt, ctx=ctx, opts=opts, times=[], losses=[])
 
@@ -378,7 +379,7 @@ def bench_sample(s):
     for _ in range(repeats):
         for n, w in times:
             torch.manual_seed(seed)
-            ctx = autocast_context(device, 'bfloat16' if 'bf16' in w else 'float32')
+            ctx = torch.autocast(device, torch.bfloat16) if 'bf16' in w else nullcontext()
             t0 = time.perf_counter()
             with ctx:  # for the whole call, as sample.py does
                 outs[n, w] = model.generate(idx, n, temperature=0.8, top_k=200, use_cache='cache' in w)
@@ -409,7 +410,6 @@ elif mode in ('train', 'sample'):
         configurator.fail(e)
     if threads > 0:
         torch.set_num_threads(threads)
-    keep_freed_memory()  # as train.py and sample.py do (devices.py)
     name = shape if shape != 'auto' else {'train': 'cpu', 'sample': 'baby'}[mode]
     if name not in SHAPES:
         configurator.fail(f"shape must be 'auto', 'cpu', 'baby' or 'tiny', not '{shape}'")

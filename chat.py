@@ -12,15 +12,14 @@ prepared with: a model trained without one is refused. python chat.py --help lis
 """
 
 import sys
+from contextlib import nullcontext
 
 import torch
 
 import configurator
 from checkpoint import load_model
-from model import check_generate_args
-from devices import autocast_context, keep_freed_memory, pick_device, pick_dtype
-from model import KVCache
-from tokenizer import DataError
+from devices import resolve
+from model import KVCache, check_generate_args
 
 fail = configurator.fail
 
@@ -41,17 +40,16 @@ dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16'
 configurator.configure(globals())
 
 try:
-    device = pick_device(device)
-    dtype = pick_dtype(dtype, device)
+    device, dtype, _, _ = resolve(device, dtype)  # 'auto' for this machine (devices.py)
     check_generate_args(max_new_tokens, temperature, top_k)  # now, not after loading the model
 except ValueError as e:
     fail(e)
 generator = torch.Generator(device=device).manual_seed(seed)
-ctx = autocast_context(device, dtype)
-keep_freed_memory()  # each reply's tensors reuse the last one's memory (devices.py)
+# mixed precision: matmuls in bfloat16 or float16 where the device has them
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], getattr(torch, dtype))
 try:
     model, tok, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name)
-except (ValueError, ImportError, DataError) as e:
+except (ValueError, ImportError) as e:
     fail(e)
 if not tok.special:
     dataset = checkpoint['config'].get('dataset') if checkpoint else 'gpt2'
@@ -152,7 +150,7 @@ while True:
         continue
     try:
         tok.encode(line)
-    except DataError as e:  # a character a character-level model never saw
+    except ValueError as e:  # a character a character-level model never saw
         print(f"({e})", file=sys.stderr)
         continue
     history.append(dict(role='user', content=line))

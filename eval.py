@@ -19,6 +19,7 @@ Under torchrun the work is shared out and the sums added up: the same numbers as
 import collections
 import os
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -26,10 +27,9 @@ import torch.distributed as dist
 
 import configurator
 from checkpoint import load_model
-from devices import autocast_context, end_processes, keep_freed_memory, pick_backend, pick_device, pick_dtype
-from scoring import (HELLASWAG_ITEMS, bits_per_byte, hellaswag_counts, hellaswag_file, read_hellaswag,
-                     render_hellaswag, score_sums)
-from tokenizer import DATA_DIR, DataError, find_files, load_meta
+from devices import resolve
+from scoring import HELLASWAG_ITEMS, HellaSwag, bits_per_byte, score_sums
+from tokenizer import DATA_DIR, find_files, load_meta
 
 # -----------------------------------------------------------------------------
 # settings
@@ -59,24 +59,21 @@ if task not in ('bpb', 'hellaswag', 'val'):
 if batch_size < 1 or block_size < 0 or max_items < 0:
     fail(f"batch_size must be at least 1 ({batch_size}), block_size and max_items at least 0 "
          f"({block_size}, {max_items})")
-try:
-    device = pick_device(device)
-    dtype = pick_dtype(dtype, device)
+try:  # 'auto' for this machine; under torchrun each process takes its own GPU (devices.py)
+    device, dtype, _, _ = resolve(device, dtype, local_rank=local_rank if ddp else None)
 except ValueError as e:
     fail(e)
-keep_freed_memory()  # each batch's tensors reuse the last one's memory (devices.py)
-if ddp and device.startswith('cuda'):
-    device = f'cuda:{local_rank}'
-    torch.cuda.set_device(device)
-if ddp:
-    dist.init_process_group(backend=pick_backend(device))  # NCCL between GPUs, else Gloo (devices.py)
+if ddp:  # NCCL between GPUs, else Gloo
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') and
+                            dist.is_nccl_available() else 'gloo')
 torch.manual_seed(seed)
-ctx = autocast_context(device, dtype)
+# mixed precision: matmuls in bfloat16 or float16 where the device has them
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], getattr(torch, dtype))
 
 # the model, and the tokenizer of the data it was trained on (GPT-2's BPE for GPT-2's weights)
 try:
     model, tok, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name, block_size)
-except (ValueError, ImportError, DataError) as e:
+except (ValueError, ImportError) as e:
     fail(e)
 block_size = model.config.block_size
 kind = tok.spec['type']
@@ -146,7 +143,7 @@ if task == 'bpb':
         fail("task=bpb needs the text to score: --input=FILE (a UTF-8 text, a folder of .txt files, or a glob)")
     try:
         files = find_files(input)
-    except DataError as e:
+    except ValueError as e:
         fail(e)
     texts = []
     for path in files:
@@ -166,7 +163,7 @@ if task == 'bpb':
                  f"per byte without them would compare with no other model; remove them from the text")
     try:
         start_ids = [tok.eot] if tok.eot is not None else tok.encode('\n')
-    except DataError:  # a character model that never saw a newline: its first token is context only
+    except ValueError:  # a character model that never saw a newline: its first token is context only
         start_ids = []
     ids, spans = [], []  # every file's ids, one after the other; windows never cross from one to the next
     for path, text in texts:
@@ -187,7 +184,7 @@ elif task == 'val':
     data_dir = os.path.join(DATA_DIR, name)
     try:
         meta = load_meta(data_dir)
-    except DataError as e:
+    except ValueError as e:
         fail(e)
     if meta['tokenizer'] != tok.spec:
         fail(f"data/{name} is tokenized as '{meta['tokenizer']['type']}', the model reads '{kind}': "
@@ -199,24 +196,20 @@ elif task == 'val':
     report_bpb(score_windows(ids, windows(len(ids), block_size)))
 
 else:  # hellaswag
-    try:
-        path = hellaswag_file(input)  # downloaded once, when missing (on every process: they race harmlessly)
-        items = read_hellaswag(path, max_items)
-    except DataError as e:
+    try:  # downloaded once, when missing (on every process: they race harmlessly)
+        hellaswag = HellaSwag(tok, max_items, input)
+        if kind != 'gpt2':  # any tokenizer works; the published figures are for GPT-2's
+            log(f"note: this model reads {tokenizer_name}, not GPT-2's BPE: its numbers compare "
+                f"with other models of the same tokenizer, not with the published GPT-2 figures")
+        if len(hellaswag.items) < HELLASWAG_ITEMS and not max_items:
+            log(f"note: {hellaswag.path} has {len(hellaswag.items):,} items, not the validation "
+                f"split's {HELLASWAG_ITEMS:,}")
+        n, acc, acc_norm = hellaswag.score(model, device, ctx, rank, world, progress)
+    except ValueError as e:
         fail(e)
-    rendered = []
-    for lineno, context, endings, label in items:
-        try:
-            rendered.append((*render_hellaswag(context, endings, tok, block_size), label))
-        except DataError as e:  # a character model: HellaSwag's text has characters Shakespeare lacks
-            fail(f"{path}:{lineno}: {e}")
-    if kind != 'gpt2':  # any tokenizer works in principle: the published figures are for GPT-2's
-        log(f"note: this model reads {tokenizer_name}, not GPT-2's BPE: its numbers compare with other models "
-            f"of the same tokenizer, not with the published GPT-2 figures")
-    if len(items) < HELLASWAG_ITEMS and not max_items:
-        log(f"note: {path} has {len(items):,} items, not the validation split's {HELLASWAG_ITEMS:,}")
-    n, right, right_norm = hellaswag_counts(model, rendered, device, ctx, rank, world, progress).tolist()
     where = '' if kind == 'gpt2' else f", tokenizer {kind}"
-    log(f"hellaswag: acc {right / n:.4f} acc_norm {right_norm / n:.4f} ({int(n)} examples{where})")
+    log(f"hellaswag: acc {acc:.4f} acc_norm {acc_norm:.4f} ({n} examples{where})")
 
-end_processes(ddp)  # under torchrun together; without the interpreter's teardown (devices.py)
+if ddp:  # every process leaves together
+    dist.barrier()
+    dist.destroy_process_group()

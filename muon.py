@@ -9,12 +9,13 @@ import torch
 
 
 def make_optimizer(model, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
-                   muon_learning_rate=0.02, muon_momentum=0.95):
+                   muon_learning_rate=0.02, muon_momentum=0.95, fused=True):
     """model.configure_optimizers' AdamW; for optimizer='muon' a MuonAdamW: the blocks' 2-D weight matrices go
     to Muon at muon_learning_rate (its group's 'lr_scale' the ratio of its peak to learning_rate, for the
     schedule in train.py), everything else to AdamW."""
     if optimizer == 'adamw':
-        return model.configure_optimizers(weight_decay, learning_rate, betas, device_type)
+        return model.configure_optimizers(weight_decay, learning_rate, betas, device_type,
+                                          fused=fused)
     if optimizer != 'muon':
         raise ValueError(f"optimizer must be 'adamw' or 'muon', not '{optimizer}'")
     if not hasattr(torch.optim, 'Muon'):
@@ -26,7 +27,8 @@ def make_optimizer(model, weight_decay, learning_rate, betas, device_type, optim
     # 0.05); only hidden matrices, never the embeddings or the output layer, which AdamW keeps (all three)
     blocks = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
     matrices = [p for p in model.parameters() if p.requires_grad and id(p) in blocks]  # in the model's order
-    adamw = model.configure_optimizers(weight_decay, learning_rate, betas, device_type, leave_out=matrices)
+    adamw = model.configure_optimizers(weight_decay, learning_rate, betas, device_type,
+                                       leave_out=matrices, fused=fused)
     muon = torch.optim.Muon(matrices, lr=muon_learning_rate, momentum=muon_momentum, weight_decay=0.0)
     muon.param_groups[0]['lr_scale'] = muon_learning_rate / learning_rate if learning_rate else 0.0
     return MuonAdamW(muon, adamw)

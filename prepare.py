@@ -1,29 +1,31 @@
 """
 Turns a text corpus into token ids that train.py reads (python prepare.py --help for every option):
 
-    python prepare.py shakespeare_char                     # tiny Shakespeare, one token per character
-    python prepare.py shakespeare                          # tiny Shakespeare, GPT-2 BPE
-    python prepare.py tinystories                          # TinyStories (hub, or its files put in data/tinystories/)
-    python prepare.py openwebtext                          # OpenWebText from the hub (pip install datasets)
-    python prepare.py novel --input=novel.txt --tokenizer=char         # your own text (a file, folder or glob)
+    python prepare.py shakespeare_char    # tiny Shakespeare, one token per character
+    python prepare.py shakespeare         # tiny Shakespeare, GPT-2 BPE
+    python prepare.py tinystories         # TinyStories (hub, or its files in data/tinystories/)
+    python prepare.py openwebtext         # OpenWebText from the hub (pip install datasets)
+    python prepare.py novel --input=novel.txt --tokenizer=char  # your text (a file, folder or glob)
     python prepare.py mine --input='books/*.txt' --tokenizer=bpe --vocab_size=8192
-    python prepare.py sft --input=chats.jsonl --tokenizer=data/shakespeare_char   # conversations (see below)
-    python prepare.py alpaca                               # tatsu-lab/alpaca from the hub; alpaca_zh: shibing624/alpaca-zh
+    python prepare.py sft --input=chats.jsonl --tokenizer=data/shakespeare_char  # conversations
+    python prepare.py alpaca              # tatsu-lab/alpaca (hub); alpaca_zh: shibing624/alpaca-zh
 
-Each writes data/<name>/train.bin and val.bin (flat arrays of token ids) and meta.json, which says how to
-read them (dtype) and how to turn ids back into text (the tokenizer). Processes on every core encode the
-text a chunk at a time, so a corpus larger than memory works; every file is written under a temporary
-name and renamed at the end, so an interrupted run never leaves a truncated train.bin behind.
+Each writes data/<name>/train.bin and val.bin (flat arrays of token ids) and meta.json, which says
+how to read them (dtype) and how to turn ids back into text (the tokenizer). Processes on every core
+encode the text a chunk at a time, so a corpus larger than memory works; every file is written under
+a temporary name and renamed at the end, so an interrupted run never leaves a truncated train.bin
+behind.
 
-Conversations (.jsonl files, .json arrays, or folders and globs of them; each record an OpenAI/Hugging Face
-"messages" list, a ShareGPT "conversations" list or an Alpaca instruction/input/output) go through the chat
-template of tokenizer.py instead, and also write <split>_mask.bin (uint8, 1 where a target counts: the
-assistant's tokens) and <split>_starts.bin (uint64 offsets where each conversation starts). Conversations are
-small next to pretraining corpora (Alpaca: 52k records, 20 MB), so they are read in one process, in memory.
---tokenizer=data/<dataset> reuses exactly the tokenizer of a prepared dataset (the one a base model learned).
+Conversations (.jsonl files, .json arrays, or folders and globs of them; each record an
+OpenAI/Hugging Face "messages" list, a ShareGPT "conversations" list or an Alpaca
+instruction/input/output) go through the chat template of tokenizer.py instead, and also write
+<split>_mask.bin (uint8, 1 where a target counts: the assistant's tokens) and <split>_starts.bin
+(uint64 offsets where each conversation starts). Conversations are small next to pretraining corpora
+(Alpaca: 52k records, 20 MB), so they are read in one process, in memory. --tokenizer=data/<dataset>
+reuses exactly the tokenizer of a prepared dataset (the one a base model learned).
 
-The tokenizers themselves live in tokenizer.py (also the ones this makes: a trained BPE, a chat dataset's),
-downloads in downloads.py; importing this file does nothing but define things.
+The tokenizers themselves live in tokenizer.py (also the ones this makes: a trained BPE, a chat
+dataset's), downloads in downloads.py; importing this file does nothing but define things.
 """
 
 import argparse
@@ -41,31 +43,40 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from downloads import HF_ENDPOINT, download, hub_batches
-from tokenizer import (DATA_DIR, GPT2_EOT, DataError, Tokenizer, chat_tokenizer, conversation_messages, eot_of,
-                       find_files, gpt2_encoding, read_conversations, tokenizers_file)
+from conversations import conversation_messages, read_conversations
+from tokenizer import (DATA_DIR, GPT2_EOT, DataError, Tokenizer, chat_tokenizer, eot_of, find_files,
+                       gpt2_encoding, tokenizers_file)
 
-# the named datasets: their text (files at url + name, kept in data/<folder or name>/; or a hub dataset),
-# how documents are separated, the default tokenizer
-SHAKESPEARE = dict(url='https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/',
-                   files=['input.txt'], folder='shakespeare_char')  # committed; 1,115,394 chars
+# the named datasets: their text (files at url + name, kept in data/<folder or name>/; or a hub
+# dataset), how documents are separated, the default tokenizer
+SHAKESPEARE = dict(
+    url='https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/',
+    files=['input.txt'], folder='shakespeare_char')  # committed; 1,115,394 chars
 DATASETS = {
     'shakespeare_char': dict(SHAKESPEARE, tokenizer='char'),
     'shakespeare': dict(SHAKESPEARE, tokenizer='gpt2'),
     # stories separated by lines holding <|endoftext|>; blank lines inside a story are part of it
-    'tinystories': dict(url=HF_ENDPOINT + '/datasets/roneneldan/TinyStories/resolve/main/', separator='<|endoftext|>',
-                        files=['TinyStoriesV2-GPT4-train.txt', 'TinyStoriesV2-GPT4-valid.txt'], tokenizer='gpt2'),
+    'tinystories': dict(url=HF_ENDPOINT + '/datasets/roneneldan/TinyStories/resolve/main/',
+                        separator='<|endoftext|>',
+                        files=['TinyStoriesV2-GPT4-train.txt', 'TinyStoriesV2-GPT4-valid.txt'],
+                        tokenizer='gpt2'),
     # 8M web documents. The hub's copy used a loading script, which datasets >= 4 refuses; its
     # parquet conversion (revision refs/convert/parquet) loads with any recent release.
-    'openwebtext': dict(hub='Skylion007/openwebtext', tokenizer='gpt2', val_fraction=0.0005),  # nanoGPT's 0.05%
-    # instruction/input/output records (Stanford Alpaca's 52,002; the Chinese translation's 48,818), for chat SFT
-    # a skill for a character model to learn on a CPU in minutes (docs/chat.md): 3 letters in, in capitals out;
-    # 'again' repeats the last answer. 2,000 conversations (test_chat.py's skill(2000, 2)); 100 words held out
-    'letters_chat': dict(files=['conversations.jsonl'], chat=True, tokenizer='data/shakespeare_char', val_fraction=0.05),
+    # nanoGPT's 0.05% validates
+    'openwebtext': dict(hub='Skylion007/openwebtext', tokenizer='gpt2', val_fraction=0.0005),
+    # instruction/input/output records (Stanford Alpaca's 52,002; the Chinese translation's
+    # 48,818), for chat SFT
+    # a skill for a character model to learn on a CPU in minutes (docs/chat.md): 3 letters in, in
+    # capitals out; 'again' repeats the last answer. 2,000 conversations (test_chat.py's
+    # skill(2000, 2)); 100 words held out
+    'letters_chat': dict(files=['conversations.jsonl'], chat=True,
+                         tokenizer='data/shakespeare_char', val_fraction=0.05),
     'alpaca': dict(hub='tatsu-lab/alpaca', tokenizer='gpt2', chat=True, val_fraction=0.02),
     'alpaca_zh': dict(hub='shibing624/alpaca-zh', tokenizer='gpt2', chat=True, val_fraction=0.02),
 }
 CHAT_FILES = ('.jsonl', '.json')
-CHAT_BINS = ('train_mask.bin', 'val_mask.bin', 'train_starts.bin', 'val_starts.bin')  # beside a chat dataset's ids
+# beside a chat dataset's ids
+CHAT_BINS = ('train_mask.bin', 'val_mask.bin', 'train_starts.bin', 'val_starts.bin')
 CHUNK_BYTES = 1 << 20  # text is encoded in chunks of ~1 MB: small enough to spread over cores
 
 
@@ -85,15 +96,17 @@ def is_conversations(pattern):
 # exactly the tokens of the whole. Unicode spaces (U+00A0, U+2000.., U+3000, ...) count as white:
 # their last UTF-8 byte is excluded before the newline and their bytes after it.
 SAFE_LINE_END = re.compile(rb'(?<![\s\x80-\x8a\x9f\xa0\xa8\xa9\xaf])\n'
-                           rb'(?![\s]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]|\xe2\x81\x9f|\xe3\x80\x80)')
-ANY_LINE_END = re.compile(rb'\n')  # characters need no care; nor does a text with no safe place in 32 MB
+                           rb'(?![\s]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]'
+                           rb'|\xe2\x81\x9f|\xe3\x80\x80)')
+# characters need no care; nor does a text with no safe place in 32 MB
+ANY_LINE_END = re.compile(rb'\n')
 
 
 def chunks(path, separator, lo, hi, safe=True):
     """Byte ranges (start, end, ends_document) of about CHUNK_BYTES covering [lo, hi) of a file.
     With a separator, each ends after a separator line, so it holds whole documents."""
-    pattern = re.compile(rb'\n[ \t\r]*' + re.escape(separator.encode()) + rb'[ \t\r]*\n') if separator else \
-        SAFE_LINE_END if safe else ANY_LINE_END
+    pattern = re.compile(rb'\n[ \t\r]*' + re.escape(separator.encode()) + rb'[ \t\r]*\n') \
+        if separator else SAFE_LINE_END if safe else ANY_LINE_END
     out, start = [], lo
     with open(path, 'rb') as f:
         while start < hi:
@@ -101,7 +114,8 @@ def chunks(path, separator, lo, hi, safe=True):
             while end < hi:  # move end to the next place the text may be cut
                 f.seek(end - 1)
                 window = f.read(CHUNK_BYTES + 1)  # one byte before end, for the look-behind
-                m = pattern.search(window, 1) or (end - start > 32 * CHUNK_BYTES and ANY_LINE_END.search(window, 1))
+                m = pattern.search(window, 1) or (end - start > 32 * CHUNK_BYTES
+                                                  and ANY_LINE_END.search(window, 1))
                 if m:
                     end += m.end() - 1
                     break
@@ -138,7 +152,8 @@ def _init_worker(spec, data_dir, eot, separator, errors, dtype='uint32'):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     # a line holding only the separator (this form splits 4x faster than one with (?m)^...$)
     sep = re.compile(rf'\n[ \t]*{re.escape(separator)}[ \t]*(?=\n|\Z)') if separator else None
-    _worker.update(encode=Tokenizer(spec, data_dir).array_encoder() if spec else None, eot=eot, sep=sep, errors=errors, dtype=dtype)
+    _worker.update(encode=Tokenizer(spec, data_dir).array_encoder() if spec else None, eot=eot,
+                   sep=sep, errors=errors, dtype=dtype)
 
 
 def task_texts(task):
@@ -152,8 +167,9 @@ def task_texts(task):
     try:
         text = raw.decode('utf-8', _worker['errors']).replace('\r\n', '\n')
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text: byte {raw[e.start]:#04x} at offset {start + e.start}; convert "
-                        f"the file, or pass --errors=replace to replace such bytes with U+FFFD") from None
+        raise DataError(f"{path} is not UTF-8 text: byte {raw[e.start]:#04x} at offset "
+                        f"{start + e.start}; convert the file, or pass --errors=replace to replace "
+                        f"such bytes with U+FFFD") from None
     if _worker['sep'] is None:
         return [text], ends
     # the lines between separator lines are a document, without the blank lines around it
@@ -164,7 +180,8 @@ def _encode_task(task):
     """-> (split, ids, tokens per document, whether the last document ends here)"""
     docs, ends = task_texts(task)
     arrays = [_worker['encode'](d) for d in docs]
-    if _worker['eot'] is not None:  # each document that ends here is followed by the end-of-text token
+    # each document that ends here is followed by the end-of-text token
+    if _worker['eot'] is not None:
         n_ends = len(arrays) - (not ends)
         arrays[:n_ends] = [np.append(a, np.uint32(_worker['eot'])) for a in arrays[:n_ends]]
     lens = np.array([len(a) for a in arrays], dtype=np.int64)
@@ -218,18 +235,27 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1, not {val_fraction}")
     if spec.get('chat') or (input and is_conversations(input)):
-        files = find_files(input, CHAT_FILES) if input else [os.path.join(DATA_DIR, name, f) for f in spec.get('files', [])]
-        if spec.get('hub') and not files:  # a hub dataset's records (where None: a malformed one is skipped, and counted)
-            records = lambda: ((None, 'auto', r) for batch in hub_batches(spec['hub'], column=None) for r in batch)
+        files = find_files(input, CHAT_FILES) if input else \
+            [os.path.join(DATA_DIR, name, f) for f in spec.get('files', [])]
+        # a hub dataset's records (where None: a malformed one is skipped, and counted)
+        if spec.get('hub') and not files:
+            records = lambda: ((None, 'auto', r) for batch in hub_batches(spec['hub'], column=None)
+                               for r in batch)
         else:  # --val_input's validate; the others are split ('auto')
-            records = lambda: read_conversations(files, val_input and find_files(val_input, CHAT_FILES))
-        return write_dataset(out_dir, lambda tmp: encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp))
-    if tokenizer not in ('char', 'gpt2', 'bpe'):  # a tokenizer.json, or a model folder holding one (e.g. Qwen2's)
-        tokenizer = os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer
+            records = lambda: read_conversations(files,
+                                                 val_input and find_files(val_input, CHAT_FILES))
+        return write_dataset(out_dir, lambda tmp: encode_conversations(
+            name, records, tokenizer, vocab_size, val_fraction, tmp))
+    # a tokenizer.json, or a model folder holding one (e.g. Qwen2's)
+    if tokenizer not in ('char', 'gpt2', 'bpe'):
+        tokenizer = (os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer)
+                     else tokenizer)
         if not os.path.isfile(tokenizer):
-            raise DataError(f"--tokenizer '{tokenizer}' is not char, gpt2, bpe, nor a tokenizer.json file or folder")
+            raise DataError(f"--tokenizer '{tokenizer}' is not char, gpt2, bpe, nor a "
+                            f"tokenizer.json file or folder")
 
-    # the text, as tasks that each name their split; 'auto' picks by document: every k-th one validates
+    # the text, as tasks that each name their split; 'auto' picks by document: every k-th one
+    # validates
     k = max(2, round(1 / val_fraction))
     if 'hub' in spec and not input:
         if tokenizer == 'char':
@@ -243,19 +269,22 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
             paths = [os.path.join(DATA_DIR, spec.get('folder', name), f) for f in spec['files']]
             for path, f in zip(paths, spec['files']):
                 if not os.path.isfile(path):
-                    download(spec['url'] + f, path, f". Without access to it, put the file at {path} yourself, "
-                                                    f"or pass its path with --input (and --val_input)")
+                    download(spec['url'] + f, path,
+                             f". Without access to it, put the file at {path} yourself, "
+                             f"or pass its path with --input (and --val_input)")
             train_files, val_files = paths[:1], paths[1:]
         else:
             raise DataError(f"unknown dataset '{name}' (known: {', '.join(sorted(DATASETS))}); "
                             f"for your own text: python prepare.py {name} --input=PATH")
         n_bytes = sum(os.path.getsize(f) for f in train_files + val_files)
         if n_bytes == 0:
-            raise DataError(f"the input has no text (it is empty): {', '.join(train_files + val_files)}")
+            raise DataError(f"the input has no text (it is empty): "
+                            f"{', '.join(train_files + val_files)}")
         n_docs = count_documents(train_files + val_files, separator)
         k = min(k, n_docs)  # with fewer than k documents, the last one validates
-        file_tasks = lambda files, split, lo=0, hi=None: [(split, 'file', f, *c) for f in files for c in
-                                                          chunks(f, separator, lo, hi or os.path.getsize(f), tokenizer != 'char')]
+        file_tasks = lambda files, split, lo=0, hi=None: [
+            (split, 'file', f, *c) for f in files
+            for c in chunks(f, separator, lo, hi or os.path.getsize(f), tokenizer != 'char')]
         if val_files:
             tasks = lambda: file_tasks(train_files, 'train') + file_tasks(val_files, 'val')
         elif n_docs == 1:  # one document: the last val_fraction of it validates (nanoGPT's split)
@@ -266,23 +295,26 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
             tasks = lambda: file_tasks([f], 'train', 0, cut) + file_tasks([f], 'val', cut, size)
         else:
             tasks = lambda: file_tasks(train_files, 'auto')
-        print(f"{name}: {n_bytes / 1e6:,.1f} MB in {len(train_files + val_files)} file(s), ~{n_docs:,} document(s)")
+        print(f"{name}: {n_bytes / 1e6:,.1f} MB in {len(train_files + val_files)} file(s), "
+              f"~{n_docs:,} document(s)")
     # processes pay off beyond a few MB of text: each takes ~0.5 s to start and load the tokenizer
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     workers = workers or (cores if n_bytes == 0 or n_bytes > 8 * CHUNK_BYTES else 1)
 
-    return write_dataset(out_dir, lambda tmp: encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers,
-                                                               separator, errors, out_dir, tmp))
+    return write_dataset(out_dir, lambda tmp: encode_and_write(
+        name, tasks, tokenizer, vocab_size, n_docs, k, workers, separator, errors, out_dir, tmp))
 
 
 def write_dataset(out_dir, write):
-    """meta = write(tmp), which writes the dataset's files under the names tmp gives, and meta.json; then they
-    replace the old ones."""
-    # every file is written as .tmp and renamed at the end, so an old dataset stays whole until the new
-    # one is complete; on any error, or Ctrl-C, the .tmp files go, and so does a folder this run created
+    """meta = write(tmp), which writes the dataset's files under the names tmp gives, and meta.json;
+    then they replace the old ones."""
+    # every file is written as .tmp and renamed at the end, so an old dataset stays whole until the
+    # new one is complete; on any error, or Ctrl-C, the .tmp files go, and so does a folder this run
+    # created
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tmp = {f: os.path.join(out_dir, f + '.tmp') for f in ('train.bin', 'val.bin', 'tokenizer.json', *CHAT_BINS, 'meta.json')}
+    tmp = {f: os.path.join(out_dir, f + '.tmp')
+           for f in ('train.bin', 'val.bin', 'tokenizer.json', *CHAT_BINS, 'meta.json')}
     try:
         meta = write(tmp)
         with open(tmp['meta.json'], 'w', encoding='utf-8') as f:
@@ -299,17 +331,19 @@ def write_dataset(out_dir, write):
         os.remove(meta_path)  # the old meta.json must not describe the new files, even for a moment
     for f, path in tmp.items():
         if os.path.exists(path):
-            os.replace(path, os.path.join(out_dir, f))  # meta.json last: its presence means complete
+            # meta.json last: its presence means complete
+            os.replace(path, os.path.join(out_dir, f))
     for split in ('train', 'val'):
         if meta[f'{split}_tokens'] < 1025:
-            print(f"warning: the {split} split has only {meta[f'{split}_tokens']:,} tokens; train.py needs block_size"
-                  f" + 1 tokens per split, so block_size must be at most {max(meta[f'{split}_tokens'] - 1, 0)}")
+            print(f"warning: the {split} split has only {meta[f'{split}_tokens']:,} tokens; "
+                  f"train.py needs block_size + 1 tokens per split, so block_size must be at most "
+                  f"{max(meta[f'{split}_tokens'] - 1, 0)}")
     return meta
 
 
 def training_texts(tasks, k):
-    """The documents of tasks that train, for a new tokenizer: not the val split's, nor the documents
-    an 'auto' task gives it (numbered as encode_and_write numbers them)."""
+    """The documents of tasks that train, for a new tokenizer: not the val split's, nor the
+    documents an 'auto' task gives it (numbered as encode_and_write numbers them)."""
     doc = 0
     for task in tasks:
         if task[0] != 'val':
@@ -318,11 +352,15 @@ def training_texts(tasks, k):
             doc += (len(texts) - (not ends)) if task[0] == 'auto' else 0
 
 
-def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, separator, errors, out_dir, tmp):
-    """Make the tokenizer, encode every task and write train.bin and val.bin (as .tmp files); returns meta.json's dict."""
-    init = (None, out_dir, None, separator, errors)  # _init_worker's arguments, without a tokenizer yet
+def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, separator, errors,
+                     out_dir, tmp):
+    """Make the tokenizer, encode every task and write train.bin and val.bin (as .tmp files);
+    returns meta.json's dict."""
+    # _init_worker's arguments, without a tokenizer yet
+    init = (None, out_dir, None, separator, errors)
     eot = None
-    if tokenizer == 'char':  # the characters of the whole text, collected in parallel; sorted gives nanoGPT's ids
+    # the characters of the whole text, collected in parallel; sorted gives nanoGPT's ids
+    if tokenizer == 'char':
         chars = sorted(set().union(*run_tasks(_chars_of_task, tasks(), workers, init)))
         tok_spec, vocab = dict(type='char', chars=chars), len(chars)
     elif tokenizer == 'gpt2':
@@ -331,21 +369,26 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
         if tokenizer == 'bpe':
             print(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens")
             _init_worker(*init)  # training_texts reads the tasks as a worker does
-        tok = tokenizers_file(tokenizer, lambda: training_texts(tasks(), k), vocab_size, tmp['tokenizer.json'])
-        tok_spec, vocab, eot = dict(type='tokenizers', file='tokenizer.json'), tok.get_vocab_size(), eot_of(tok)
+        tok = tokenizers_file(tokenizer, lambda: training_texts(tasks(), k), vocab_size,
+                              tmp['tokenizer.json'])
+        tok_spec, vocab, eot = (dict(type='tokenizers', file='tokenizer.json'),
+                                tok.get_vocab_size(), eot_of(tok))
     if n_docs == 1:
         eot = None  # a single text has no document ends to learn (and keeps nanoGPT's token counts)
 
-    # uint16 holds ids up to 65,535 in half the bytes; a larger vocabulary takes uint32, never wrapping an id
+    # uint16 holds ids up to 65,535 in half the bytes; a larger vocabulary takes uint32, never
+    # wrapping an id
     dtype = 'uint16' if vocab <= 2 ** 16 else 'uint32'
     t0, counts, doc, bar = time.time(), dict(train=0, val=0), 0, None
     # the workers read a new tokenizer from its temporary name
-    work_spec = dict(tok_spec, file='tokenizer.json.tmp') if tok_spec['type'] == 'tokenizers' else tok_spec
+    work_spec = (dict(tok_spec, file='tokenizer.json.tmp') if tok_spec['type'] == 'tokenizers'
+                 else tok_spec)
     with open(tmp['train.bin'], 'wb') as train_f, open(tmp['val.bin'], 'wb') as val_f:
         files = dict(train=train_f, val=val_f)
         try:
             init = (work_spec, out_dir, eot, separator, errors, dtype)
-            for task_no, (split, ids, lens, ends) in enumerate(run_tasks(_encode_task, tasks(), workers, init)):
+            for task_no, (split, ids, lens, ends) in enumerate(
+                    run_tasks(_encode_task, tasks(), workers, init)):
                 parts = {split: ids}
                 if split == 'auto':  # document number doc + i validates when (doc + i + 1) % k == 0
                     is_val = np.repeat((doc + np.arange(len(lens)) + 1) % k == 0, lens)
@@ -354,7 +397,8 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
                 for s, part in parts.items():
                     files[s].write(memoryview(part))
                     counts[s] += len(part)
-                if task_no == 0 and workers > 1:  # once there is progress to show (None without tqdm)
+                # once there is progress to show (None without tqdm)
+                if task_no == 0 and workers > 1:
                     bar = progress_bar()
                 if bar is not None:
                     bar.update(len(ids))
@@ -363,20 +407,22 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
                 bar.close()
     if counts['train'] == 0:
         raise DataError("the input has no text to train on (is it only whitespace?)")
-    meta = dict(vocab_size=vocab, dtype=dtype, train_tokens=counts['train'], val_tokens=counts['val'],
-                tokenizer=tok_spec, eot_id=eot)
+    meta = dict(vocab_size=vocab, dtype=dtype, train_tokens=counts['train'],
+                val_tokens=counts['val'], tokenizer=tok_spec, eot_id=eot)
     dt = time.time() - t0
-    print(f"{name}: vocab {vocab:,}, {counts['train']:,} train and {counts['val']:,} val tokens ({dtype}) "
-          f"in {out_dir}; {(counts['train'] + counts['val']) / dt:,.0f} tokens/s on {workers} process(es)")
+    print(f"{name}: vocab {vocab:,}, {counts['train']:,} train and {counts['val']:,} val tokens "
+          f"({dtype}) in {out_dir}; {(counts['train'] + counts['val']) / dt:,.0f} tokens/s on "
+          f"{workers} process(es)")
     return meta
 
 
 # -----------------------------------------------------------------------------
-# conversations: records of known shapes (tokenizer.conversation_messages) through the chat template
+# conversations: records of known shapes (conversations.py) through the chat template
 
 def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp):
-    """The chat template over every conversation: ids, masks and starts of both splits (as .tmp files), and meta.json's dict.
-    Every k-th conversation validates. Conversations are stored whole: train.py cuts one that outgrows a row."""
+    """The chat template over every conversation: ids, masks and starts of both splits (as .tmp
+    files), and meta.json's dict. Every k-th conversation validates. Conversations are stored whole:
+    train.py cuts one that outgrows a row."""
     out_dir = os.path.dirname(tmp['meta.json'])
     convs, skipped = [], 0
     for where, split, record in records():
@@ -388,15 +434,18 @@ def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp
                 continue
             raise DataError(f"{where}: {e}") from None
     k, auto = max(2, round(1 / val_fraction)), [c for c in convs if c[0] == 'auto']
-    k = k if len(auto) < len(convs) else min(k, len(auto))  # without --val_input: at least the last one validates
+    # without --val_input: at least the last one validates
+    k = k if len(auto) < len(convs) else min(k, len(auto))
     for i, c in enumerate(auto):
         c[0] = 'val' if (i + 1) % k == 0 else 'train'
     if not any(s == 'train' for s, _ in convs):
-        raise DataError(f"the input has {len(convs)} conversation(s); at least 2 are needed (one trains, one validates)")
+        raise DataError(f"the input has {len(convs)} conversation(s); at least 2 are needed "
+                        f"(one trains, one validates)")
     texts = lambda: (m['content'] for s, msgs in convs if s == 'train' for m in msgs)
 
     chars = lambda: set().union(*(m['content'] for _, msgs in convs for m in msgs))
-    tok, spec, eot, template = chat_tokenizer(tokenizer, texts, chars, vocab_size, DATA_DIR, tmp['tokenizer.json'])
+    tok, spec, eot, template = chat_tokenizer(tokenizer, texts, chars, vocab_size, DATA_DIR,
+                                              tmp['tokenizer.json'])
 
     dtype = 'uint16' if tok.n_vocab <= 2 ** 16 else 'uint32'
     meta, lens = dict(vocab_size=tok.n_vocab, dtype=dtype), []
@@ -404,37 +453,51 @@ def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp
         pairs = [tok.encode_conversation(msgs) for s, msgs in convs if s == split]
         n = np.array([len(ids) for ids, _ in pairs], dtype=np.uint64)
         np.array([i for ids, _ in pairs for i in ids], dtype=dtype).tofile(tmp[f'{split}.bin'])
-        np.array([m for _, mask in pairs for m in mask], dtype=np.uint8).tofile(tmp[f'{split}_mask.bin'])
-        (np.cumsum(n) - n).tofile(tmp[f'{split}_starts.bin'])  # where each conversation starts, in tokens
+        np.array([m for _, mask in pairs for m in mask],
+                 dtype=np.uint8).tofile(tmp[f'{split}_mask.bin'])
+        # where each conversation starts, in tokens
+        (np.cumsum(n) - n).tofile(tmp[f'{split}_starts.bin'])
         meta.update({f'{split}_tokens': int(n.sum()), f'{split}_conversations': len(pairs)})
         lens += n.tolist()
     meta.update(tokenizer=spec, eot_id=eot, chat=template)
-    longer = ', '.join(f"{sum(n > b + 1 for n in lens):,} longer than {b}" for b in (256, 512, 1024))
-    print(f"{name}: {meta['train_conversations']:,} train and {meta['val_conversations']:,} val conversations"
-          f"{f' ({skipped:,} malformed records skipped)' if skipped else ''}, vocab {tok.n_vocab:,} (the chat "
-          f"template's ids {min(tok.special_ids)}..{max(tok.special_ids)}), {meta['train_tokens']:,} train and "
-          f"{meta['val_tokens']:,} val tokens in {out_dir}; the longest has {max(lens):,} tokens, {longer} "
-          f"(train.py cuts a conversation at block_size + 1 tokens)")
+    longer = ', '.join(f"{sum(n > b + 1 for n in lens):,} longer than {b}"
+                       for b in (256, 512, 1024))
+    print(f"{name}: {meta['train_conversations']:,} train and {meta['val_conversations']:,} val "
+          f"conversations{f' ({skipped:,} malformed records skipped)' if skipped else ''}, "
+          f"vocab {tok.n_vocab:,} (the chat template's ids "
+          f"{min(tok.special_ids)}..{max(tok.special_ids)}), {meta['train_tokens']:,} train and "
+          f"{meta['val_tokens']:,} val tokens in {out_dir}; the longest has {max(lens):,} tokens, "
+          f"{longer} (train.py cuts a conversation at block_size + 1 tokens)")
     return meta
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Tokenize a corpus into data/<name>/ for train.py.",
-                                     epilog="named datasets: " + ', '.join(sorted(DATASETS)))
-    parser.add_argument('name', help="a named dataset, or the name of data/<name>/ for your --input")
-    parser.add_argument('--input', help="your text: a file, a folder of .txt files, or a glob ('books/*.txt'); "
-                                        "conversations: .jsonl or .json files (a file, folder or glob)")
-    parser.add_argument('--val_input', help="validation text (file, folder or glob); default: split from --input")
-    parser.add_argument('--tokenizer', help="char | gpt2 | bpe (train one) | a tokenizer.json or a folder "
-                                            "holding one (e.g. a Qwen2 model) | data/<dataset> (conversations: "
-                                            "that dataset's tokenizer exactly); default: the dataset's, else gpt2")
-    parser.add_argument('--vocab_size', type=int, default=4096, help="size of a new bpe tokenizer (default 4096)")
-    parser.add_argument('--separator', help="a line holding only this separates documents in a file "
-                                            "(TinyStories: '<|endoftext|>'); default: each file is a document")
-    parser.add_argument('--val_fraction', type=float, help="share of the text that validates (default 0.1)")
+    parser = argparse.ArgumentParser(
+        description="Tokenize a corpus into data/<name>/ for train.py.",
+        epilog="named datasets: " + ', '.join(sorted(DATASETS)))
+    parser.add_argument('name',
+                        help="a named dataset, or the name of data/<name>/ for your --input")
+    parser.add_argument('--input',
+                        help="your text: a file, a folder of .txt files, or a glob "
+                             "('books/*.txt'); conversations: .jsonl or .json files (a file, "
+                             "folder or glob)")
+    parser.add_argument('--val_input',
+                        help="validation text (file, folder or glob); default: split from --input")
+    parser.add_argument('--tokenizer',
+                        help="char | gpt2 | bpe (train one) | a tokenizer.json or a folder "
+                             "holding one (e.g. a Qwen2 model) | data/<dataset> (conversations: "
+                             "that dataset's tokenizer exactly); default: the dataset's, else gpt2")
+    parser.add_argument('--vocab_size', type=int, default=4096,
+                        help="size of a new bpe tokenizer (default 4096)")
+    parser.add_argument('--separator',
+                        help="a line holding only this separates documents in a file "
+                             "(TinyStories: '<|endoftext|>'); default: each file is a document")
+    parser.add_argument('--val_fraction', type=float,
+                        help="share of the text that validates (default 0.1)")
     parser.add_argument('--errors', choices=('strict', 'replace'), default='strict',
                         help="bytes that are not UTF-8: stop (strict) or replace them with U+FFFD")
-    parser.add_argument('--workers', type=int, default=0, help="encoding processes (default: one per core)")
+    parser.add_argument('--workers', type=int, default=0,
+                        help="encoding processes (default: one per core)")
     args = parser.parse_args()
     try:
         prepare(**vars(args))

@@ -149,3 +149,31 @@ def hellaswag_counts(model, rendered, device, autocast, rank=0, world=1, progres
         dist.all_reduce(counts)
     model.train(was_training)
     return counts
+
+
+class HellaSwag:
+    """The first n items of HellaSwag's validation split (all of them for n = 0), read now (and
+    downloaded once, when missing), rendered for a model's context at the first score():
+
+        hellaswag = HellaSwag(tok, n=100)
+        n, acc, acc_norm = hellaswag.score(model, device, autocast)
+    """
+
+    def __init__(self, tok, n=0, path=''):
+        self.path = hellaswag_file(path)
+        self.items = read_hellaswag(self.path, n)
+        self.tok, self.rendered, self.block_size = tok, [], None
+
+    def score(self, model, device, autocast, rank=0, world=1, progress=None):
+        """(items scored, acc, acc_norm), the same on every process (hellaswag_counts)."""
+        if self.block_size != model.config.block_size:  # each item cut to the model's context
+            self.block_size, self.rendered = model.config.block_size, []
+            for lineno, ctx, endings, label in self.items:
+                try:
+                    x, y = render_hellaswag(ctx, endings, self.tok, self.block_size)
+                except DataError as e:  # a character model: HellaSwag has characters it lacks
+                    raise DataError(f"{self.path}:{lineno}: {e}") from None
+                self.rendered.append((x, y, label))
+        n, right, right_norm = hellaswag_counts(model, self.rendered, device, autocast, rank, world,
+                                                progress).tolist()
+        return int(n), right / n, right_norm / n

@@ -2,30 +2,31 @@
 Every tokenizer the project knows, and the meta.json that says which one a dataset uses.
 
     from tokenizer import load_meta, load_tokenizer
-    meta = load_meta('data/shakespeare_char')            # vocab_size 65, dtype uint16, the 65 characters
+    meta = load_meta('data/shakespeare_char')  # vocab_size 65, dtype uint16, the 65 characters
     tok = load_tokenizer(meta, 'data/shakespeare_char')
     tok.encode('ROMEO:'), tok.decode([30, 27, 25, 17, 27, 10])
 
 A tokenizer is described by a small dict, meta.json's "tokenizer":
 
-    {"type": "char", "chars": [...]}                     id i is chars[i]
-    {"type": "gpt2"}                                     GPT-2's BPE, from the committed data/gpt2.tiktoken
-    {"type": "tokenizers", "file": "tokenizer.json"}     a Hugging Face tokenizers file beside the data
+    {"type": "char", "chars": [...]}                  id i is chars[i]
+    {"type": "gpt2"}                                  GPT-2's BPE (the committed data/gpt2.tiktoken)
+    {"type": "tokenizers", "file": "tokenizer.json"}  a Hugging Face tokenizers file beside the data
 
-A chat dataset's meta.json adds "chat", its template (chat_template() below): four special tokens whose
-ids follow every id of the tokenizer, so a base model's ids keep their meaning:
+A chat dataset's meta.json adds "chat", its template (chat_template() below): four special tokens
+whose ids follow every id of the tokenizer, so a base model's ids keep their meaning:
 
     <|system|> You are terse.<|end|><|user|> Hi<|end|><|assistant|> Hello.<|end|><|user|> ...
 
-encode_conversation(messages) gives a conversation's ids and its loss mask (1: a target the model learns,
-the assistant's content and its <|end|>); render_prompt(history) the ids a reply continues. Text that
-spells a marker ('<|user|>') encodes as ordinary text: only the template puts the special ids in.
+encode_conversation(messages) gives a conversation's ids and its loss mask (1: a target the model
+learns, the assistant's content and its <|end|>); render_prompt(history) the ids a reply continues.
+Text that spells a marker ('<|user|>') encodes as ordinary text: only the template puts the special
+ids in.
 
-prepare.py writes datasets with them, making new tokenizers (train_bpe, tokenizers_file, chat_tokenizer) and
-reading conversation files (read_conversations) here; train.py, sample.py, chat.py, eval.py, export_hf.py and
-checkpoint.py read them. token_bytes() says how many UTF-8 bytes of text each id stands for, which bits per
-byte divides by. Nothing here downloads (downloads.py does), and reading a dataset never runs code (JSON;
-nanoGPT's meta.pkl as plain data).
+prepare.py writes datasets with them, making new tokenizers (train_bpe, tokenizers_file,
+chat_tokenizer) here and reading conversation files with conversations.py; train.py, sample.py,
+chat.py, eval.py, export_hf.py and checkpoint.py read them. token_bytes() says how many UTF-8 bytes
+of text each id stands for, which bits per byte divides by. Nothing here downloads (downloads.py
+does), and reading a dataset never runs code (JSON; nanoGPT's meta.pkl as plain data).
 """
 
 import base64
@@ -41,27 +42,31 @@ import numpy as np
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
-# OpenAI's GPT-2 BPE merge ranks, committed so that no download is needed: byte for byte the r50k_base
-# file tiktoken fetches for its 'gpt2' encoding, with its sha256
+# OpenAI's GPT-2 BPE merge ranks, committed so that no download is needed: byte for byte the
+# r50k_base file tiktoken fetches for its 'gpt2' encoding, with its sha256
 GPT2_BPE_FILE = os.path.join(DATA_DIR, 'gpt2.tiktoken')
 GPT2_BPE_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
-# GPT-2's pre-tokenisation pattern, in the faster equivalent form tiktoken uses (tiktoken_ext/openai_public.py)
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# GPT-2's pre-tokenisation pattern, in the faster equivalent form tiktoken uses
+# (tiktoken_ext/openai_public.py)
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$"""
+                r"""|\s+(?!\S)|\s""")
 GPT2_EOT = 50256  # <|endoftext|>
-EOT_NAMES = ('<|endoftext|>', '</s>', '<|end_of_text|>', '<eos>')  # end-of-text tokens of common tokenizers
+# end-of-text tokens of common tokenizers
+EOT_NAMES = ('<|endoftext|>', '</s>', '<|end_of_text|>', '<eos>')
 
 
-# the chat template: one start marker per role, one end-of-turn marker; their ids follow the tokenizer's
+# the chat template: a start marker per role, an end-of-turn marker; ids after the tokenizer's
 CHAT_ROLES = ('system', 'user', 'assistant')
 CHAT_TOKENS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>')
-CHAT_LAYOUT = ("each message is <|ROLE|> + its content's ids + <|end|>; a conversation is its messages in order "
-               "(an optional system message, then user and assistant alternating); a reply follows <|assistant|>; "
-               "targets (mask 1): each assistant content and its <|end|>")
-SHAREGPT_ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant'}
+CHAT_LAYOUT = ("each message is <|ROLE|> + its content's ids + <|end|>; a conversation is its "
+               "messages in order (an optional system message, then user and assistant "
+               "alternating); a reply follows <|assistant|>; targets (mask 1): each assistant "
+               "content and its <|end|>")
 
 
-class DataError(Exception):
-    """A problem with the user's data or files: the scripts print its message in one line and exit."""
+class DataError(ValueError):
+    """A problem with the user's data or files: the scripts print its message in one line and
+    exit."""
 
 
 def need(module, pip_name):
@@ -73,26 +78,32 @@ def need(module, pip_name):
 
 
 def find_files(pattern, exts=('.txt',)):
-    """The files of --input: a file, a folder (every file in it ending in exts, recursively) or a glob."""
+    """The files of --input: a file, a folder (every file in it ending in exts, recursively) or a
+    glob."""
     if os.path.isfile(pattern):
         return [pattern]
-    found = [f for e in exts for f in glob.glob(os.path.join(pattern, '**', '*' + e), recursive=True)] \
+    found = [f for e in exts
+             for f in glob.glob(os.path.join(pattern, '**', '*' + e), recursive=True)] \
         if os.path.isdir(pattern) else glob.glob(pattern, recursive=True)
     files = sorted(f for f in found if os.path.isfile(f))
     if not files:
-        raise DataError(f"--input '{pattern}' is no file, and no {' or '.join(exts)} files match it")
+        raise DataError(f"--input '{pattern}' is no file, and no {' or '.join(exts)} files "
+                        f"match it")
     return files
 
 
 def gpt2_encoding():
-    """tiktoken's GPT-2 encoding from the committed file (tiktoken.get_encoding('gpt2') would download it)."""
+    """tiktoken's GPT-2 encoding from the committed file (tiktoken.get_encoding('gpt2') would
+    download it)."""
     tiktoken = need('tiktoken', 'tiktoken')
     with open(GPT2_BPE_FILE, 'rb') as f:
         contents = f.read()
     if hashlib.sha256(contents).hexdigest() != GPT2_BPE_SHA256:
-        raise DataError(f"{GPT2_BPE_FILE} is not OpenAI's GPT-2 BPE file: restore it with 'git checkout data/gpt2.tiktoken'")
+        raise DataError(f"{GPT2_BPE_FILE} is not OpenAI's GPT-2 BPE file: restore it with "
+                        f"'git checkout data/gpt2.tiktoken'")
     # each line: base64 of a token's bytes, then its rank, which is its id
-    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in contents.splitlines() if line)}
+    ranks = {base64.b64decode(token): int(rank)
+             for token, rank in (line.split() for line in contents.splitlines() if line)}
     return tiktoken.Encoding(name='gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={'<|endoftext|>': GPT2_EOT})
 
@@ -107,20 +118,34 @@ def hf_tokenizer(path):
 
 
 def eot_of(tok):
-    """The end-of-text id of a tokenizers Tokenizer, under any of the common names; None if it has none."""
+    """The end-of-text id of a tokenizers Tokenizer, under any of the common names; None if it has
+    none."""
     return next((i for i in map(tok.token_to_id, EOT_NAMES) if i is not None), None)
+
+
+def byte_to_unicode():
+    """GPT-2's spelling of bytes as printable characters, which byte-level BPE files (vocab.json,
+    merges.txt, tokenizer.json) use: the 188 printable Latin-1 bytes stand for themselves, the 68
+    others (space, newline, controls, ...) for chr(256), chr(257), ... in byte order (OpenAI's
+    encoder.py, bytes_to_unicode)."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
+                 *range(ord('®'), ord('ÿ') + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 class Tokenizer:
     """One dataset's tokenizer: encode(text) -> list of ids, decode(ids) -> text; eot is the
-    end-of-text id that separates documents (None where the tokenizer has none, or for a single text)."""
+    end-of-text id that separates documents (None where the tokenizer has none, or for a single
+    text)."""
 
     def __init__(self, spec, data_dir='.', eot=None, chat=None):
         self.spec, self.eot, self.chat = spec, eot, chat
         self._token_bytes = None  # token_bytes(), computed at the first call
         kind = spec['type']
-        # special_ids: the ids that stand for no text (end-of-text, chat markers); bits per byte counts them as
-        # 0 bytes and leaves their loss out. A tokenizer that appends special tokens adds their ids here.
+        # special_ids: the ids that stand for no text (end-of-text, chat markers); bits per byte
+        # counts them as 0 bytes and leaves their loss out. A tokenizer that appends special tokens
+        # adds their ids here.
         self.special_ids = set() if eot is None else {eot}
         if kind == 'char':
             self.chars = spec['chars']
@@ -133,13 +158,19 @@ class Tokenizer:
         elif kind == 'tokenizers':
             self.tok = hf_tokenizer(os.path.join(data_dir, spec['file']))
             self.n_vocab = self.tok.get_vocab_size()
-            self.special_ids |= {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
-            # with a chat template, the file's own special tokens (<|endoftext|>) typed in a message are text too
+            self.special_ids |= {i for i, t in self.tok.get_added_tokens_decoder().items()
+                                 if t.special}
+            # with a chat template, the file's own special tokens (<|endoftext|>) typed in a message
+            # are text too
             self.tok.encode_special_tokens = chat is not None
+            # a byte-level BPE spells each byte as one printable character: {character: byte}
+            decoder = json.dumps(json.loads(self.tok.to_str()).get('decoder'))
+            self.byte_level = ({c: b for b, c in byte_to_unicode().items()}
+                               if '"ByteLevel"' in decoder else None)
         else:
             raise DataError(f"unknown tokenizer type '{kind}' in {data_dir}/meta.json")
-        # the chat template's markers, {name: id}, after every id of the tokenizer: ids that stand for no text
-        # too (special_ids), which decode shows by name
+        # the chat template's markers, {name: id}, after every id of the tokenizer: ids that stand
+        # for no text too (special_ids), which decode shows by name
         self.special = dict(chat['tokens']) if chat else {}
         self.special_ids |= set(self.special.values())
         self.special_names = {i: name for name, i in self.special.items()}
@@ -151,14 +182,17 @@ class Tokenizer:
             unknown = sorted(set(text) - self.stoi.keys())
             if unknown:
                 raise DataError(f"characters not in this model's vocabulary of {len(self.chars)}: "
-                                f"{' '.join(repr(c) for c in unknown)}; use only characters of the training text")
+                                f"{' '.join(repr(c) for c in unknown)}; use only characters of the "
+                                f"training text")
             return [self.stoi[ch] for ch in text]
         if kind == 'gpt2':
-            return self.enc.encode_ordinary(text)  # ordinary: '<|endoftext|>' in a text is plain text
+            # ordinary: '<|endoftext|>' in a text is plain text
+            return self.enc.encode_ordinary(text)
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
-        if self.special_names and self.special_names.keys() & set(ids):  # the markers by name, the runs between decoded
+        # the markers by name, the runs between decoded
+        if self.special_names and self.special_names.keys() & set(ids):
             out, run = [], []
             for i in list(ids) + [None]:
                 if i is None or i in self.special_names:
@@ -173,41 +207,41 @@ class Tokenizer:
         return self.enc.decode(ids) if kind == 'gpt2' else self.tok.decode(ids)
 
     def token_bytes(self):
-        """(n_vocab,) int32 array: how many UTF-8 bytes of text each id stands for, 0 for special_ids; computed
-        once. Summed over the ids encode(text) gives, it is len(text.encode('utf-8')): bits per byte's divisor."""
+        """(n_vocab,) int32 array: how many UTF-8 bytes of text each id stands for, 0 for
+        special_ids; computed once. Summed over the ids encode(text) gives, it is
+        len(text.encode('utf-8')): bits per byte's divisor."""
         if self._token_bytes is None:
-            bytes_of = self.bytes_counter()
-            self._token_bytes = np.array([0 if i in self.special_ids else bytes_of(i) for i in range(self.n_vocab)],
-                                         dtype=np.int32)
+            self._token_bytes = np.array([0 if i in self.special_ids else len(self.piece(i))
+                                          for i in range(self.n_vocab)], dtype=np.int32)
         return self._token_bytes
 
-    def bytes_counter(self):
-        """bytes_of(id) -> the UTF-8 bytes of text an id stands for, the way of this kind of tokenizer."""
+    def piece(self, i):
+        """The bytes of text id i stands for (a special token's: its name), the same whatever the
+        kind of tokenizer: so two tokenizers can be compared id by id (checkpoint.fit_vocab)."""
+        if i in self.special_names:
+            return self.special_names[i].encode('utf-8')
         kind = self.spec['type']
         if kind == 'char':
-            return lambda i: len(self.chars[i].encode('utf-8'))
-        if kind == 'gpt2':
-            # the token's own bytes: a token may be part of a character (an emoji is 2 or 3 tokens), for which
-            # len(decode([i]).encode()) would count the 3 bytes of U+FFFD instead
-            return lambda i: len(self.enc.decode_single_token_bytes(i))
-        added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}  # stored as their text
-        decoder = json.dumps(json.loads(self.tok.to_str()).get('decoder'))
-        if '"ByteLevel"' in decoder:
-            # byte-level BPE (GPT-2's kind, Qwen2's, prepare.py's --tokenizer=bpe): every byte is written as one
-            # of 256 printable characters (GPT-2's bytes_to_unicode), so each character of a token is one byte
-            alphabet = set(need('tokenizers', 'tokenizers').pre_tokenizers.ByteLevel.alphabet())
-            return lambda i: (len(added[i].encode('utf-8')) if i in added else
-                              sum(1 if c in alphabet else len(c.encode('utf-8')) for c in self.tok.id_to_token(i)))
-
-        def sentencepiece(i):  # Llama 2's and Mistral's conventions: '<0x0A>' is one byte, '\u2581' a space
-            token = added.get(i, self.tok.id_to_token(i) or '')
-            return 1 if re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', token) else len(token.replace('\u2581', ' ').encode('utf-8'))
-        return sentencepiece
+            return self.chars[i].encode('utf-8')
+        if kind == 'gpt2':  # a token may be part of a character: an emoji is 2 or 3 tokens
+            return self.enc.decode_single_token_bytes(i)
+        added = self.tok.get_added_tokens_decoder()
+        token = added[i].content if i in added else self.tok.id_to_token(i) or ''
+        if i in added:
+            return token.encode('utf-8')
+        if self.byte_level:  # GPT-2's kind, Qwen's, prepare.py's bpe: one character per byte
+            return b''.join(bytes([self.byte_level[c]]) if c in self.byte_level else c.encode()
+                            for c in token)
+        # SentencePiece's conventions (Llama 2, TinyLlama): '<0x0A>' is a byte, '\u2581' a space
+        if re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', token):
+            return bytes([int(token[3:5], 16)])
+        return token.replace('\u2581', ' ').encode('utf-8')
 
     def encode_conversation(self, messages):
-        """(ids, mask) of a conversation, a list of {'role', 'content'} (chat_template's layout). mask[i] is 1
-        where ids[i] is a target: an assistant's content and its <|end|>, so the model learns when to stop;
-        the markers that open a turn, and what the system and the user say, are context only."""
+        """(ids, mask) of a conversation, a list of {'role', 'content'} (chat_template's layout).
+        mask[i] is 1 where ids[i] is a target: an assistant's content and its <|end|>, so the model
+        learns when to stop; the markers that open a turn, and what the system and the user say, are
+        context only."""
         ids, mask = [], []
         for m in messages:
             body = self.encode(m['content']) + [self.special['<|end|>']]
@@ -216,11 +250,13 @@ class Tokenizer:
         return ids, mask
 
     def render_prompt(self, history):
-        """The ids a reply continues: the conversation so far (ending with the user's turn), then <|assistant|>."""
+        """The ids a reply continues: the conversation so far (ending with the user's turn), then
+        <|assistant|>."""
         return self.encode_conversation(history)[0] + [self.special['<|assistant|>']]
 
     def array_encoder(self):
-        """encode(text) -> array of uint32 ids: the fastest way of each tokenizer, for large corpora."""
+        """encode(text) -> array of uint32 ids: the fastest way of each tokenizer, for large
+        corpora."""
         if self.spec['type'] != 'char':
             return lambda text: np.array(self.encode(text), dtype=np.uint32)
         # characters -> ids with one table lookup: the text's code points index a table of ids
@@ -230,62 +266,11 @@ class Tokenizer:
 
 
 def chat_template(n_ids, base_vocab_size):
-    """meta.json's "chat": the markers' ids, after the tokenizer's n_ids ids. base_vocab_size: the ids the base
-    model knows (a character vocabulary may have grown by characters it never saw: their ids start there)."""
-    return dict(tokens={name: n_ids + i for i, name in enumerate(CHAT_TOKENS)}, base_vocab_size=base_vocab_size,
-                layout=CHAT_LAYOUT)
-
-
-def conversation_messages(record):
-    """[{'role', 'content'}] of a record in a known shape: {"messages": [{"role", "content"}]} (OpenAI, Hugging
-    Face), {"conversations": [{"from", "value"}]} (ShareGPT: system, human, gpt), {"instruction", "input",
-    "output"} (Alpaca; the input, if any, follows the instruction after a blank line). A ValueError says what is wrong."""
-    if not isinstance(record, dict):
-        raise ValueError(f"a record is a JSON object, not {type(record).__name__}")
-    if isinstance(record.get('messages'), list):
-        turns = [(m.get('role'), m.get('content')) if isinstance(m, dict) else (None, None) for m in record['messages']]
-    elif isinstance(record.get('conversations'), list):
-        turns = [(SHAREGPT_ROLES.get(m.get('from')), m.get('value')) if isinstance(m, dict) else (None, None)
-                 for m in record['conversations']]
-    elif {'instruction', 'output'} <= record.keys():
-        extra = record.get('input') or ''
-        turns = [('user', record['instruction'] + ('\n\n' + extra if extra.strip() else '')), ('assistant', record['output'])]
-    else:
-        raise ValueError(f"a record of no known shape (keys: {', '.join(sorted(map(str, record))) or 'none'}); "
-                         f"expected 'messages', 'conversations', or 'instruction' + 'output'")
-    roles = [r for r, _ in turns]
-    body = roles[1:] if roles[:1] == ['system'] else roles
-    if any(r != ('user', 'assistant')[i % 2] for i, r in enumerate(body)) or 'assistant' not in body:
-        raise ValueError(f"roles {roles}: expected an optional system message, then user and assistant alternating, "
-                         f"starting with user, with at least one assistant turn")
-    for i, (role, content) in enumerate(turns):
-        if not isinstance(content, str) or not content.strip():
-            raise ValueError(f"message {i + 1} ({role}) has empty content")
-    return [dict(role=r, content=c) for r, c in turns]
-
-
-def read_conversations(files, val_files=()):
-    """(where, split, record) of each record of conversation files (a .jsonl file: one record a line; a .json
-    file: one record or an array of them): where is 'FILE:LINE' for a message, split 'val' for val_files' and
-    'auto' (split by prepare.py) for the others'. A file that is not JSON or not UTF-8 is a DataError naming it."""
-    for split, paths in (('auto', files), ('val', val_files or [])):
-        for path in paths:
-            try:
-                with open(path, encoding='utf-8') as f:
-                    lines = list(enumerate(f, 1)) if path.endswith('.jsonl') else [(1, f.read())]
-                records = []
-                for n, line in lines:
-                    if line.strip():
-                        data = json.loads(line)
-                        records += [(f"{path}:{n}", data)] if path.endswith('.jsonl') else \
-                            [(f"{path}: record {i + 1}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
-            except json.JSONDecodeError as e:
-                n = n if path.endswith('.jsonl') else e.lineno
-                raise DataError(f"{path}:{n} is not JSON ({e.msg}): a .jsonl file holds one record per line, a .json "
-                                f"file one record or an array of them") from None
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-            yield from ((where, split, r) for where, r in records)
+    """meta.json's "chat": the markers' ids, after the tokenizer's n_ids ids. base_vocab_size: the
+    ids the base model knows (a character vocabulary may have grown by characters it never saw:
+    their ids start there)."""
+    return dict(tokens={name: n_ids + i for i, name in enumerate(CHAT_TOKENS)},
+                base_vocab_size=base_vocab_size, layout=CHAT_LAYOUT)
 
 
 def gpt2_tokenizer():
@@ -299,13 +284,15 @@ def load_tokenizer(meta, data_dir):
 
 
 class PlainUnpickler(pickle.Unpickler):
-    """Plain data only (dicts, lists, str, int, ...): a class a pickle names is refused, as loading it can run code."""
+    """Plain data only (dicts, lists, str, int, ...): a class a pickle names is refused, as loading
+    it can run code."""
 
     def find_class(self, module, name):
         raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain data is read")
 
 
-META_KEYS = ('vocab_size', 'dtype', 'train_tokens', 'val_tokens', 'tokenizer')  # what every meta.json holds
+# what every meta.json holds
+META_KEYS = ('vocab_size', 'dtype', 'train_tokens', 'val_tokens', 'tokenizer')
 
 
 def remake(name):
@@ -314,18 +301,22 @@ def remake(name):
 
 
 def load_meta(data_dir):
-    """Read data/<name>/meta.json, or say which command makes it. A folder prepared by nanoGPT works too: its
-    meta.pkl (characters) is read as plain data; without one, its .bin files hold GPT-2 BPE ids as uint16.
-    A file that is not JSON, lacks a key or has a dtype .bin files cannot have is a DataError naming it."""
+    """Read data/<name>/meta.json, or say which command makes it. A folder prepared by nanoGPT works
+    too: its meta.pkl (characters) is read as plain data; without one, its .bin files hold GPT-2 BPE
+    ids as uint16. A file that is not JSON, lacks a key or has a dtype .bin files cannot have is a
+    DataError naming it."""
     path = os.path.join(data_dir, 'meta.json')
     name = os.path.basename(os.path.normpath(data_dir))
     if os.path.isfile(path):
         try:
             with open(path, encoding='utf-8') as f:
                 meta = json.load(f)
-        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON (JSONDecodeError is a ValueError)
-            raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}): remake it with {remake(name)}") from None
-        missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+        # unreadable, not UTF-8, not JSON (JSONDecodeError is a ValueError)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}): remake it with "
+                            f"{remake(name)}") from None
+        missing = ([k for k in META_KEYS if k not in meta] if isinstance(meta, dict)
+                   else list(META_KEYS))
         if missing:
             have = ', '.join(meta) if isinstance(meta, dict) else f'a {type(meta).__name__}'
             raise DataError(f"{path} lacks {', '.join(missing)} (it has {have or 'nothing'}): "
@@ -334,46 +325,66 @@ def load_meta(data_dir):
             raise DataError(f"{path} says dtype {meta['dtype']!r}, expected 'uint16' or 'uint32': "
                             f"remake it with {remake(name)}")
         return meta
-    # prepare.py killed after removing the old meta.json, before renaming the new one into place: the .bin
-    # files beside it are not a nanoGPT folder's (GPT-2 ids as uint16, below), whatever they hold
+    # prepare.py killed after removing the old meta.json, before renaming the new one into place:
+    # the .bin files beside it are not a nanoGPT folder's (GPT-2 ids as uint16, below), whatever
+    # they hold
     if os.path.isfile(path + '.tmp'):
-        raise DataError(f"dataset '{name}' is half prepared (prepare.py was stopped while renaming its files): "
-                        f"run 'python prepare.py {name}' again, with the same options")
+        raise DataError(f"dataset '{name}' is half prepared (prepare.py was stopped while renaming "
+                        f"its files): run 'python prepare.py {name}' again, with the same options")
     bins = [os.path.join(data_dir, f'{s}.bin') for s in ('train', 'val')]
     if not all(map(os.path.isfile, bins)):
-        raise DataError(f"dataset '{name}' is not prepared ({path} is missing): run 'python prepare.py {name}' "
+        raise DataError(f"dataset '{name}' is not prepared ({path} is missing): run "
+                        f"'python prepare.py {name}' "
                         f"(or 'python prepare.py {name} --input=YOUR_TEXT') first")
-    counts = dict(train_tokens=os.path.getsize(bins[0]) // 2, val_tokens=os.path.getsize(bins[1]) // 2)
+    counts = dict(train_tokens=os.path.getsize(bins[0]) // 2,
+                  val_tokens=os.path.getsize(bins[1]) // 2)
     pkl = os.path.join(data_dir, 'meta.pkl')
     if not os.path.isfile(pkl):
-        return dict(vocab_size=50257, dtype='uint16', tokenizer=dict(type='gpt2'), eot_id=GPT2_EOT, **counts)
+        return dict(vocab_size=50257, dtype='uint16', tokenizer=dict(type='gpt2'), eot_id=GPT2_EOT,
+                    **counts)
     try:
         with open(pkl, 'rb') as f:
             old = PlainUnpickler(f).load()
         chars = [old['itos'][i] for i in range(old['vocab_size'])]
     except Exception as e:  # not a pickle, another layout, or objects that are not plain data
-        raise DataError(f"cannot read {pkl} as nanoGPT's character vocabulary ({type(e).__name__}: {e}): "
-                        f"prepare the data again with 'python prepare.py {name} --input=...'") from None
-    return dict(vocab_size=len(chars), dtype='uint16', tokenizer=dict(type='char', chars=chars), eot_id=None, **counts)
+        raise DataError(f"cannot read {pkl} as nanoGPT's character vocabulary "
+                        f"({type(e).__name__}: {e}): prepare the data again with "
+                        f"'python prepare.py {name} --input=...'") from None
+    return dict(vocab_size=len(chars), dtype='uint16', tokenizer=dict(type='char', chars=chars),
+                eot_id=None, **counts)
 
 
 def check_bins(data_dir, meta, splits=('train', 'val')):
-    """Each <split>.bin is there and holds exactly the tokens meta.json counts: a copy cut short (of any
-    size, odd or even) or a file from another preparation is a DataError naming it, not garbage batches.
-    A chat dataset's <split>_mask.bin (a byte per token) and <split>_starts.bin (a uint64 per conversation) too."""
+    """Each <split>.bin is there and holds exactly the tokens meta.json counts: a copy cut short (of
+    any size, odd or even) or a file from another preparation is a DataError naming it, not garbage
+    batches. A chat dataset's <split>_mask.bin (a byte per token) and <split>_starts.bin (a uint64
+    per conversation) too."""
     name = os.path.basename(os.path.normpath(data_dir))
     for split in splits:
         files = [(f'{split}.bin', meta[f'{split}_tokens'], meta['dtype'], 'tokens')]
         if 'chat' in meta:
             files += [(f'{split}_mask.bin', meta[f'{split}_tokens'], 'uint8', 'mask bytes'),
-                      (f'{split}_starts.bin', meta[f'{split}_conversations'], 'uint64', 'conversation starts')]
+                      (f'{split}_starts.bin', meta[f'{split}_conversations'], 'uint64',
+                       'conversation starts')]
         for file, count, dtype, what in files:
             path, want = os.path.join(data_dir, file), count * np.dtype(dtype).itemsize
             if not os.path.isfile(path):
                 raise DataError(f"{path} is missing: remake it with {remake(name)}")
-            if os.path.getsize(path) != want:  # (nanoGPT's folders have no meta.json: there, only an odd size is caught)
-                raise DataError(f"{path} has {os.path.getsize(path):,} bytes, expected {count:,} {dtype} {what} = "
-                                f"{want:,} bytes (a copy cut short?): remake it with {remake(name)}")
+            # (nanoGPT's folders have no meta.json: there, only an odd size is caught)
+            if os.path.getsize(path) != want:
+                raise DataError(f"{path} has {os.path.getsize(path):,} bytes, expected {count:,} "
+                                f"{dtype} {what} = {want:,} bytes (a copy cut short?): remake it "
+                                f"with {remake(name)}")
+
+
+def load_dataset(name):
+    """(meta, tokenizer) of the prepared dataset data/<name>: meta.json read whole, each .bin
+    checked to hold what it says (check_bins), and the tokenizer it was made with; else a
+    DataError."""
+    data_dir = os.path.join(DATA_DIR, name)
+    meta = load_meta(data_dir)
+    check_bins(data_dir, meta)
+    return meta, load_tokenizer(meta, data_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -394,30 +405,35 @@ def train_bpe(texts, vocab_size, path):
 
 
 def tokenizers_file(tokenizer, texts, vocab_size, path):
-    """A Hugging Face tokenizers Tokenizer, saved at path: for 'bpe' a byte-level BPE of vocab_size tokens trained
-    on texts() (train_bpe); else the file tokenizer names (a tokenizer.json, or a folder holding one)."""
+    """A Hugging Face tokenizers Tokenizer, saved at path: for 'bpe' a byte-level BPE of vocab_size
+    tokens trained on texts() (train_bpe); else the file tokenizer names (a tokenizer.json, or a
+    folder holding one)."""
     if tokenizer == 'bpe':
         return train_bpe(texts(), vocab_size, path)
-    tok = hf_tokenizer(os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer)
+    tok = hf_tokenizer(os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer)
+                       else tokenizer)
     tok.save(path)
     return tok
 
 
 def chat_tokenizer(tokenizer, texts, chars, vocab_size, data_dir, path):
-    """A chat dataset's tokenizer: --tokenizer's, whose ids keep their meaning (a base model's), then the ids it
-    lacks after them: the characters of chars() it has not (a character vocabulary grows), then the chat
-    template's markers. tokenizer: 'data/<dataset>' (exactly that prepared dataset's, in data_dir; a chat
-    dataset's as it is), 'char', 'gpt2', 'bpe' (trained on texts()) or a tokenizers file or folder; a tokenizers
-    file is written to path (tokenizer.json.tmp, which prepare.py renames). Returns (the Tokenizer, meta.json's
-    "tokenizer" spec, the end-of-text id, the template)."""
+    """A chat dataset's tokenizer: --tokenizer's, whose ids keep their meaning (a base model's),
+    then the ids it lacks after them: the characters of chars() it has not (a character vocabulary
+    grows), then the chat template's markers. tokenizer: 'data/<dataset>' (exactly that prepared
+    dataset's, in data_dir; a chat dataset's as it is), 'char', 'gpt2', 'bpe' (trained on texts())
+    or a tokenizers file or folder; a tokenizers file is written to path (tokenizer.json.tmp, which
+    prepare.py renames). Returns (the Tokenizer, meta.json's "tokenizer" spec, the end-of-text id,
+    the template)."""
     out_dir, template, eot = os.path.dirname(path), None, None
-    if tokenizer.startswith('data/'):  # exactly the tokenizer of a prepared dataset (a base model's)
+    # exactly the tokenizer of a prepared dataset (a base model's)
+    if tokenizer.startswith('data/'):
         base_dir = os.path.join(data_dir, tokenizer[len('data/'):])
         try:
             base = load_meta(base_dir)
         except DataError as e:
             raise DataError(f"--tokenizer={tokenizer}: {e}") from None
-        spec, eot, template = base['tokenizer'], base.get('eot_id'), base.get('chat')  # a chat dataset's: as it is
+        # a chat dataset's: as it is
+        spec, eot, template = base['tokenizer'], base.get('eot_id'), base.get('chat')
         base_vocab = template['base_vocab_size'] if template else base['vocab_size']
         if spec['type'] == 'tokenizers':
             shutil.copy(os.path.join(base_dir, spec['file']), path)
@@ -428,17 +444,21 @@ def chat_tokenizer(tokenizer, texts, chars, vocab_size, data_dir, path):
         spec, eot, base_vocab = dict(type='gpt2'), GPT2_EOT, gpt2_encoding().n_vocab
     else:
         tok = tokenizers_file(tokenizer, texts, vocab_size, path)
-        spec, eot, base_vocab = dict(type='tokenizers', file='tokenizer.json'), eot_of(tok), tok.get_vocab_size()
+        spec, eot, base_vocab = (dict(type='tokenizers', file='tokenizer.json'), eot_of(tok),
+                                 tok.get_vocab_size())
     if spec['type'] == 'char':  # characters the base never saw: appended, in sorted order
         new = sorted(chars() - set(spec['chars']))
-    if spec['type'] == 'char' and template is not None and new:  # its markers follow its characters: no room
-        raise DataError(f"the conversations have {len(new)} characters {tokenizer}'s vocabulary lacks "
-                        f"({''.join(new[:20])!r}), and a chat dataset's cannot grow (its markers follow its "
-                        f"characters): use the dataset its base model learned, --tokenizer=data/<that dataset>")
+    # its markers follow its characters: no room
+    if spec['type'] == 'char' and template is not None and new:
+        raise DataError(f"the conversations have {len(new)} characters {tokenizer}'s vocabulary "
+                        f"lacks ({''.join(new[:20])!r}), and a chat dataset's cannot grow (its "
+                        f"markers follow its characters): use the dataset its base model learned, "
+                        f"--tokenizer=data/<that dataset>")
     if spec['type'] == 'char' and template is None:
         base_vocab = len(spec['chars']) if base_vocab is None else base_vocab
         if new and spec['chars']:
-            print(f"{len(new)} characters the base vocabulary of {base_vocab} lacks get ids {base_vocab}..: {''.join(new)!r}")
+            print(f"{len(new)} characters the base vocabulary of {base_vocab} lacks get ids "
+                  f"{base_vocab}..: {''.join(new)!r}")
         spec = dict(spec, chars=spec['chars'] + new)
         base_vocab = base_vocab or len(spec['chars'])  # no base: its characters are the base
     work_spec = dict(spec, file=os.path.basename(path)) if spec['type'] == 'tokenizers' else spec

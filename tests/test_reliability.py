@@ -88,13 +88,23 @@ def test_memory_estimate_is_the_measured_peak(repo, batch2):
     assert estimate16 - estimate2 == pytest.approx(peak16 - peak2, rel=0.3), (peak16 - peak2, estimate16 - estimate2)
 
 
+def torch_address_space(env):
+    """Bytes of address space a process has mapped once torch is imported (VmPeak): about 0.6 GB with
+    the CPU build, several GB with the CUDA build, whose libraries are mapped even without a GPU."""
+    code = ("import torch; torch.zeros(1); print(next(int(line.split()[1]) * 1024 for line in "
+            "open('/proc/self/status') if line.startswith('VmPeak:')))")
+    return int(subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                              check=True).stdout)
+
+
 def test_out_of_memory_gets_one_line(repo, batch2):
-    """Under an address-space limit (RLIMIT_AS, 2 GiB): a model of 644 GB fails as it is built, a batch of
+    """Under an address-space limit (RLIMIT_AS, 1.5 GiB above what torch itself maps, so the same on
+    PyTorch's CPU and CUDA builds): a model of 644 GB fails as it is built, a batch of
     2,000 sequences of 256 tokens (8.8 GB of activations) in its first step, resumed from the checkpoint of
     batch2; each in one line with exit status 1, saying where, the estimate, and the fix; for the step, a
     micro-batch that fits by the estimate with the same tokens per step. The checkpoint from before is untouched."""
     env = dict(os.environ, OMP_NUM_THREADS='1', MALLOC_ARENA_MAX='2')  # few threads: little address space reserved
-    limit = dict(RLIMIT_AS=2 << 30)
+    limit = dict(RLIMIT_AS=torch_address_space(env) + (3 << 29))  # what torch maps, and 1.5 GiB more
     p = train_limited(repo, *TINY, '--n_layer=200', '--n_embd=8192', '--n_head=64', '--out_dir=out-oom-build',
                       env=env, **limit)
     assert_one_line_error(p, 'out of memory building the model on cpu', 'weights 644.3 GB', 'a smaller model')

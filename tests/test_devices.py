@@ -6,6 +6,7 @@ compile, bench.py without /proc/stat. docs/devices.md says what each guards.
 """
 
 import ast
+import contextlib
 import os
 import shlex
 import subprocess
@@ -57,10 +58,6 @@ def test_compile_and_backend_choices():
     assert D.pick_compile(True, 'cpu') is True and D.pick_compile('False', 'cuda', (9, 0), True) is False
     with pytest.raises(ValueError, match="compile must be 'auto', True or False"):
         D.pick_compile('maybe', 'cpu')
-    # NCCL only where this PyTorch has it (Windows has not)
-    assert D.pick_backend('cuda:3', nccl=True) == 'nccl'
-    assert D.pick_backend('cuda:3', nccl=False) == 'gloo'
-    assert D.pick_backend('cpu', nccl=True) == 'gloo'
 
 
 def test_more_processes_than_gpus_is_one_line():
@@ -146,13 +143,12 @@ def test_a_failing_compile_falls_back_to_eager():
 
     lines = []
     state = torch.get_rng_state()
-    assert D.compile_checked(model, batch, D.autocast_context('cpu', 'float32'), 'cpu', lines.append,
+    assert D.compile_checked(model, batch, contextlib.nullcontext(), lines.append,
                              backend=broken) is model
     assert len(lines) == 1 and 'GPUTooOldForTriton' in lines[0] and 'without it' in lines[0], lines
     assert torch.equal(torch.get_rng_state(), state)  # the trial's dropout left no trace
     assert all(p.grad is None for p in model.parameters())
-    works = D.compile_checked(model, batch, D.autocast_context('cpu', 'float32'), 'cpu', lines.append,
-                              backend='eager')
+    works = D.compile_checked(model, batch, contextlib.nullcontext(), lines.append, backend='eager')
     assert works is not model and len(lines) == 1
     model.eval()  # no dropout: the compiled model computes the same loss
     torch.testing.assert_close(works(*batch)[1], model(*batch)[1])
@@ -189,9 +185,7 @@ def test_readme_torchrun_commands_pass_the_setting_checks():
             with open(os.path.join(ROOT, path), encoding='utf-8') as f:
                 exec(compile(f.read(), path, 'exec'), scope)
         steps = int(flags.get('gradient_accumulation_steps', scope.get('gradient_accumulation_steps', default)))
-        D.check_accumulation(steps, processes)  # raises if train.py would refuse it
-    with pytest.raises(ValueError, match=r"40 is not divisible by the 16 processes: .*\(the nearest: 32 or 48;"):
-        D.check_accumulation(40, 16)  # nanoGPT's value: the message says what would do
+        assert steps % processes == 0, (steps, processes)  # what train.py checks first
 
 
 def test_fsdp_float16_with_grad_clip_trains_and_resumes(repo):
@@ -229,8 +223,7 @@ def test_batches_are_drawn_by_splitmix64():
 
 
 def test_a_debugger_or_profiler_keeps_the_process_after_the_run(repo, tmp_path):
-    """end_processes ends a run with os._exit, except where a tool around the script still needs the process:
-    pdb gets to say the program finished, cProfile writes its file."""
+    """A run ends as a script does: pdb gets to say the program finished, cProfile writes its file."""
     args = ['train.py', *TINY, '--max_iters=1', '--eval_interval=1']
     p = subprocess.run([sys.executable, '-m', 'pdb', *args, '--out_dir=out-pdb'], input='c\nq\n', cwd=repo,
                        capture_output=True, text=True, timeout=300)

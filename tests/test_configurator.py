@@ -12,7 +12,7 @@ import pytest
 
 import configurator
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 SCRIPT = """\
 batch_size = 12  # sequences per micro-batch

@@ -138,7 +138,7 @@ def test_bad_starting_points(repo, tmp_path):
 
 def masked_mean_loss(repo, out_dir, dataset, streams, block_size=32, batch_size=4):
     """The mean cross-entropy over every assistant token of the batches of streams, computed here: rows of
-    block_size + 1 tokens from conversation starts (DESIGN.md's batch contract), the model of out_dir/ckpt.pt."""
+    block_size + 1 tokens from conversation starts (docs/design.md, Determinism), the model of out_dir/ckpt.pt."""
     from checkpoint import load_checkpoint
     from batches import draw
     data = repo / 'data' / dataset

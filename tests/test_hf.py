@@ -16,7 +16,8 @@ import torch
 pytest.importorskip('transformers')  # a test requirement (requirements-test.txt), not a core one
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer  # noqa: E402
 
-from checkpoint import from_pretrained, load_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from hf_models import from_pretrained  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 from test_scripts import ROOT, TINY, assert_one_line_error, repo, run  # noqa: E402,F401 (repo is a fixture)
 
@@ -81,7 +82,7 @@ def ids(B=2, T=40, vocab_size=50257, seed=1):
 def test_from_pretrained_logits_equal_transformers(tmp_path, activation, flash):
     """GPT-2's tanh GELU ('gelu_new') and the exact one, through both attention paths."""
     hf = tiny_hf(tmp_path, activation)
-    ours = from_pretrained(str(tmp_path), dict(flash=flash)).eval()
+    ours = from_pretrained(str(tmp_path), **dict(flash=flash)).eval()
     assert ours.config.gelu == {'gelu_new': 'tanh', 'gelu': 'exact'}[activation]
     idx = ids()
     with torch.no_grad():
@@ -98,7 +99,7 @@ def test_greedy_generation_equals_transformers(tmp_path):
     assert len(set(expected[0, 8:].tolist())) > 3  # a varied continuation, not one token repeated
     assert ours.generate(idx, 24, temperature=0).tolist() == expected.tolist()
     assert ours.config.dropout == 0.0  # the default for inference; finetuning may ask for more
-    assert from_pretrained(str(tmp_path), dict(dropout=0.1)).config.dropout == 0.1
+    assert from_pretrained(str(tmp_path), **dict(dropout=0.1)).config.dropout == 0.1
 
 
 @pytest.mark.parametrize('layout', ['bin', 'shards'])
@@ -127,7 +128,7 @@ def test_from_pretrained_refuses_what_it_cannot_load(tmp_path):
     tiny_hf(tmp_path)
     cases = []
     with pytest.raises(ValueError, match='dropout and flash') as e:
-        from_pretrained(str(tmp_path), dict(n_layer=1))
+        from_pretrained(str(tmp_path), **dict(n_layer=1))
     cases.append(e)
     config = json.loads((tmp_path / 'config.json').read_text())
     (tmp_path / 'config.json').write_text(json.dumps(dict(config, activation_function='relu')))
@@ -289,10 +290,12 @@ def char_ckpt(repo):
 
 
 def test_export_char_model(repo, char_ckpt):
-    """A character vocabulary: no tokenizer files, and the output says so; logits equal."""
+    """A character vocabulary goes as a tokenizer.json (tests/test_export.py checks what it encodes);
+    the logits are equal."""
     p = run(repo, 'export_hf.py', '--out_dir=out-char', '--hf_dir=out-char-hf')
-    assert 'no tokenizer' in p.stdout
-    assert sorted(os.listdir(repo / 'out-char-hf')) == ['config.json', 'model.safetensors']
+    assert 'its 65 characters as a tokenizer.json' in p.stdout
+    assert sorted(os.listdir(repo / 'out-char-hf')) == ['config.json', 'model.safetensors',
+                                                        'tokenizer.json', 'tokenizer_config.json']
     hf = GPT2LMHeadModel.from_pretrained(repo / 'out-char-hf').eval()
     assert hf.config.vocab_size == 65 and hf.config.eos_token_id is None
     idx = ids(T=16, vocab_size=65)
@@ -331,7 +334,8 @@ def test_export_replaces_only_an_earlier_export(repo, char_ckpt):
     (repo / 'out-again' / 'stale.txt').write_text('from before')
     assert_one_line_error(export(repo, '--hf_dir=out-again'), 'already exists', '--overwrite=True')
     assert export(repo, '--hf_dir=out-again', '--overwrite=True').returncode == 0
-    assert sorted(os.listdir(repo / 'out-again')) == ['config.json', 'model.safetensors']
+    assert sorted(os.listdir(repo / 'out-again')) == ['config.json', 'model.safetensors',
+                                                      'tokenizer.json', 'tokenizer_config.json']
     os.makedirs(repo / 'out-mine')
     (repo / 'out-mine' / 'notes.txt').write_text('mine')
     assert_one_line_error(export(repo, '--hf_dir=out-mine', '--overwrite=True'), 'already exists')

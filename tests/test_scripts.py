@@ -18,7 +18,7 @@ import torch
 
 from test_forkserver import ScriptRunner
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 # a model small enough that a few iterations take a second
 TINY = ['--dataset=shakespeare_char', '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16',

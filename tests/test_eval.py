@@ -22,7 +22,7 @@ import torch.nn.functional as F
 pytest.importorskip('transformers')  # a test requirement (requirements-test.txt), not a core one
 from transformers import GPT2LMHeadModel  # noqa: E402
 
-from checkpoint import from_pretrained  # noqa: E402
+from hf_models import from_pretrained  # noqa: E402
 from scoring import ending_losses, hellaswag_file, read_hellaswag, render_hellaswag, score_sums  # noqa: E402
 from test_hf import one_thread, tiny_hf  # noqa: E402,F401 (one_thread is an autouse fixture)
 from test_scripts import TINY, assert_one_line_error, repo, run  # noqa: E402,F401 (repo is a fixture)

@@ -1,0 +1,137 @@
+"""
+The Llama family read into model.py: tiny random LlamaForCausalLM and Qwen3ForCausalLM built by
+transformers itself (an implementation written independently of ours), saved with a tokenizer and
+a chat template, then loaded by hf_models.from_pretrained and by the real scripts (sample.py,
+chat.py, train.py, export_hf.py) as subprocesses. Offline, CPU, float32.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip('transformers')  # a test requirement, not a core one
+
+from hf_models import from_pretrained  # noqa: E402
+from test_scripts import ROOT, assert_one_line_error, repo, run  # noqa: E402,F401 (repo is a fixture)
+
+TOL = 1e-4  # float32 logits of the two implementations (the issue's bound)
+# ChatML, the layout of SmolLM2-Instruct's and Qwen's templates
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+          "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
+TEXT = "ROMEO: But soft, what light through yonder window breaks? 你好，世界 🙂 123\n\n  two spaces"
+SHAPES = {  # (config class, arguments): what each tiny model exercises
+    'llama': ('LlamaConfig', dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=50000.0)),
+    'llama_bias': ('LlamaConfig', dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    'qwen3': ('Qwen3Config', dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bpe_tokenizer(folder):
+    """A byte-level BPE of 400 ids trained on tiny Shakespeare's first 100 kB (tokenizers), with
+    ChatML's markers, as a model's folder holds it: tokenizer.json and tokenizer_config.json."""
+    tk = pytest.importorskip('tokenizers')
+    with open(os.path.join(ROOT, 'data', 'shakespeare_char', 'input.txt'), encoding='utf-8') as f:
+        text = f.read(100_000)
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=400, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                     special_tokens=['<|endoftext|>', '<|im_start|>', '<|im_end|>'])
+    tok.train_from_iterator([text], trainer=trainer)
+    tok.save(os.path.join(folder, 'tokenizer.json'))
+    with open(os.path.join(folder, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+        json.dump(dict(tokenizer_class='PreTrainedTokenizerFast', chat_template=CHATML, eos_token='<|im_end|>',
+                       pad_token='<|endoftext|>', bos_token=None, clean_up_tokenization_spaces=False), f)
+    return tok
+
+
+def tiny_llama(folder, shape):
+    """A random model of SHAPES[shape] (2 layers, 64 wide), weights drawn with std 0.1 so that
+    the logits depend on the context, saved with save_pretrained and the tokenizer."""
+    os.makedirs(folder, exist_ok=True)
+    tok = bpe_tokenizer(folder)
+    name, args = SHAPES[shape]
+    config = getattr(transformers, name)(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, initializer_range=0.1,
+        eos_token_id=tok.token_to_id('<|im_end|>'), bos_token_id=None, pad_token_id=0, **args)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith('norm.weight'):  # RMSNorm gains start at 1: move them, so a wrong mapping shows
+                p.uniform_(0.5, 1.5)
+            elif n.endswith('bias'):
+                p.normal_(0.0, 0.1)
+    hf.save_pretrained(folder)
+    return hf
+
+
+@pytest.fixture(scope='module', params=sorted(SHAPES))
+def folder(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return path, tiny_llama(path, request.param)
+
+
+def test_logits_equal_transformers(folder):
+    path, hf = folder
+    ours = from_pretrained(str(path)).eval()
+    idx = torch.randint(0, hf.config.vocab_size, (2, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(idx).logits
+        got = ours(idx, idx)[0]
+    assert want.abs().max() > 1.0  # logits that mean something
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    assert (ours.config.tie_embeddings, ours.config.n_kv_head in (0, hf.config.num_key_value_heads)) == \
+        (hf.config.tie_word_embeddings, True)
+
+
+def test_sample_greedy_equals_transformers_generate(repo, folder):
+    path, hf = folder
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    prompt = hf_tok.encode('ROMEO: But soft', add_special_tokens=False)
+    gen = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist()
+    eot = hf_tok.convert_tokens_to_ids('<|endoftext|>')
+    new = gen[len(prompt):]
+    new = new[:new.index(eot)] if eot in new else new  # sample.py stops at the end-of-text token
+    p = run(repo, 'sample.py', f'--init_from={path}', '--start=ROMEO: But soft', '--temperature=0',
+            '--max_new_tokens=12', '--num_samples=1', '--device=cpu', '--dtype=float32')
+    text = hf_tok.decode(prompt + new).replace('\r\n', '\n').replace('\r', '\n')  # as a pipe reads it
+    assert p.stdout.split('\n---------------')[0] == text
+
+
+def test_refused_folders_get_one_line(repo, tmp_path):
+    """rope scaling (Llama 3.1's), an architecture model.py does not compute, biases on q/k/v only
+    (Qwen2's): one line naming the field, exit status 1; a template that reaches for Python's
+    internals: one line, exit status 1."""
+    path = tmp_path / 'm'
+    tiny_llama(path, 'llama')
+    config = json.loads((path / 'config.json').read_text())
+    scaled = dict(config, rope_scaling=dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0,
+                                            high_freq_factor=4.0, original_max_position_embeddings=64))
+    for changed, fragment in ((scaled, 'rope_scaling'), (dict(config, model_type='mistral'), "'mistral'"),
+                              (dict(config, hidden_act='gelu'), "hidden_act='gelu'")):
+        (path / 'config.json').write_text(json.dumps(changed))
+        p = run(repo, 'sample.py', f'--init_from={path}', '--max_new_tokens=2', '--device=cpu', ok=False)
+        assert_one_line_error(p, fragment)
+    (path / 'config.json').write_text(json.dumps(config))
+    tok_config = json.loads((path / 'tokenizer_config.json').read_text())
+    tok_config['chat_template'] = "{{ ''.__class__.__mro__ }}"
+    (path / 'tokenizer_config.json').write_text(json.dumps(tok_config))
+    p = subprocess.run([sys.executable, 'chat.py', f'--init_from={path}', '--device=cpu'], cwd=repo,
+                       input='hello\n', capture_output=True, text=True, timeout=120)
+    assert_one_line_error(p, 'chat template', 'unsafe')
