@@ -2,12 +2,12 @@
 Measures what this repository exists for, and prints the command that reproduces each number.
 
     python bench.py --mode=prepare --mb=200    # prepare.py on a generated 200 MB corpus, GPT-2 BPE
-    python bench.py --mode=train               # training steps/s of nanoGPT's CPU shape, several ways
+    python bench.py --mode=train               # training steps/s at nanoGPT's CPU shape, many ways
     python bench.py --mode=train --shape=baby  # the same for the baby GPT (6 x 6 x 384, block 256)
-    python bench.py --mode=sample              # generate() from the baby GPT, with and without the KV cache
-    python bench.py --mode=train --nanogpt=../nanoGPT    # also whole train.py processes, ours and nanoGPT's
-    python bench.py --mode=sample --nanogpt=../nanoGPT   # also whole sample.py processes on a nanoGPT checkpoint
-    python bench.py --mode=train --shape=tiny --rounds=1 --iters=2   # seconds: that it runs (test_tools.py)
+    python bench.py --mode=sample              # generate() of the baby GPT, with/without KV cache
+    python bench.py --mode=train --nanogpt=../nanoGPT   # whole train.py runs, ours and nanoGPT's
+    python bench.py --mode=sample --nanogpt=../nanoGPT  # whole sample.py runs, ours and nanoGPT's
+    python bench.py --mode=train --shape=tiny --rounds=1 --iters=2  # a quick check (test_tools.py)
 
 prepare: writes a TinyStories-format corpus (documents of tiny-Shakespeare lines separated by
 <|endoftext|> lines) of --mb megabytes to a temporary folder, runs prepare.py on it as a user
@@ -15,16 +15,16 @@ would, and prints its end-to-end tokens/s (reading, encoding, writing) next to t
 limit: the cores it used times the rate of tiktoken's encode_ordinary on one core, on the same
 text. Also the peak resident memory of prepare.py and its worker processes together.
 
-train: one model and optimizer per variant, all from the same weights, taking the steps
-train.py takes (forward, backward, gradient clipping, AdamW, zero_grad) on random tokens
-(vocab 65). After warm-up the variants run round-robin, --iters steps each per round, so the
-machine's drift hits all alike; the table gives median ms per step, tokens/s and the ratio to
-'plain', the way nanoGPT trains on a CPU (float32, no autocast, no compile; but with this repository's
-model.py, so against nanoGPT's own process the gains are larger). A variant joins
-options with '+': bf16 (torch.autocast bfloat16), compile (torch.compile), fused (AdamW's fused
-kernel, which configure_optimizers picks on the CPU and CUDA), manual (flash=False: the
-written-out attention), 1thread (torch.set_num_threads(1) while it runs). train.py with
-config/train_shakespeare_char_cpu.py on a CPU with native bf16 runs bf16+manual+fused.
+train: one model and optimizer per variant, all from the same weights, taking the steps train.py
+takes (forward, backward, gradient clipping, AdamW, zero_grad) on random tokens (vocab 65). After
+warm-up the variants run round-robin, --iters steps each per round, so the machine's drift hits all
+alike; the table gives median ms per step, tokens/s and the ratio to 'plain', the way nanoGPT trains
+on a CPU (float32, no autocast, no compile; but with this repository's model.py, so against
+nanoGPT's own process the gains are larger). A variant joins options with '+': bf16 (torch.autocast
+bfloat16), compile (torch.compile), fused (AdamW's fused kernel, which configure_optimizers picks on
+the CPU and CUDA), manual (flash=False: the written-out attention), 1thread
+(torch.set_num_threads(1) while it runs). train.py with config/train_shakespeare_char_cpu.py on a
+CPU with native bf16 runs bf16+manual+fused.
 
 sample: tokens/s of generate() (batch 1, temperature 0.8, top_k 200, as sample.py) in several
 ways, medians of --repeats interleaved runs: --new_tokens from a one-token prompt, and separately
@@ -32,14 +32,15 @@ the block_size - 1 tokens that fit the context, where the cache acts (past block
 slides and every way runs a full forward per token: model.py). 'plain' is nanoGPT's way (float32,
 no cache); sample.py on a CPU with native bf16 samples the 'bf16+cache' way.
 
---nanogpt=PATH (a checkout of karpathy/nanoGPT): side by side with nanoGPT's own code, on a copy of it in
-a temporary folder with its shakespeare_char data prepared by its own prepare.py (from our input.txt):
-train runs its README's CPU command (NANOGPT_CPU below) with its train.py and with ours, alternating,
---processes times each, and prints the medians of the logged ms per iteration (iterations/s) and of the
-whole process's wall time (--nanogpt_iters shortens the command, for a check); sample trains nanoGPT's
-baby GPT (config/train_shakespeare_char.py: 10.7M parameters, with AdamW's moments in the file) for one
-step with its train.py, then times its sample.py and ours on that checkpoint (1 sample of --new_tokens
-tokens; everything else each script's defaults), alternating.
+--nanogpt=PATH (a checkout of karpathy/nanoGPT): side by side with nanoGPT's own code, on a copy of
+it in a temporary folder with its shakespeare_char data prepared by its own prepare.py (from our
+input.txt): train runs its README's CPU command (NANOGPT_CPU below) with its train.py and with ours,
+alternating, --processes times each, and prints the medians of the logged ms per iteration
+(iterations/s) and of the whole process's wall time (--nanogpt_iters shortens the command, for a
+check); sample trains nanoGPT's baby GPT (config/train_shakespeare_char.py: 10.7M parameters, with
+AdamW's moments in the file) for one step with its train.py, then times its sample.py and ours on
+that checkpoint (1 sample of --new_tokens tokens; everything else each script's defaults),
+alternating.
 """
 
 import os
@@ -67,61 +68,71 @@ seed = 1337  # seeds the generated corpus, the weights and the random tokens
 mb = 200.0  # size of the generated corpus, in megabytes
 workers = 0  # prepare.py's --workers; 0 = one per core
 # train and sample
-shape = 'auto'  # 'cpu': nanoGPT's CPU recipe | 'baby': the baby GPT | 'auto': cpu to train, baby to sample | 'tiny'
-variants = 'plain,fused,bf16,bf16+manual,bf16+manual+fused,compile,1thread'  # train: '+' joins options
+shape = 'auto'  # 'cpu': nanoGPT's CPU recipe | 'baby' | 'tiny' | 'auto': cpu trains, baby samples
+variants = ('plain,fused,bf16,bf16+manual,bf16+manual+fused,'  # train: '+' joins options
+            'compile,1thread')
 rounds = 5  # train: rounds over the variants (round-robin)
 iters = 10  # train: timed steps per variant in each round
 warmup = 3  # train: untimed steps per variant first (the first one compiles)
 threads = 0  # torch.set_num_threads; 0 keeps torch's default, one per core
 device = 'cpu'  # train and sample: 'cpu' | 'cuda' | 'cuda:1' | 'mps' | 'auto'
 new_tokens = 500  # sample: tokens generated per run
-ways = 'plain,cache,bf16,bf16+cache'  # sample: '+' joins cache (the KV cache) and bf16 (autocast, as sample.py)
+ways = (  # sample: '+' joins cache (the KV cache) and bf16 (autocast, as sample.py)
+    'plain,cache,bf16,bf16+cache')
 repeats = 3  # sample: runs per way, interleaved
-nanogpt = ''  # train, sample: a nanoGPT checkout: also time whole processes of its scripts and ours, side by side
+nanogpt = ''  # train, sample: a nanoGPT checkout: also time whole processes of its scripts and ours
 processes = 3  # with nanogpt: runs of each whole process, alternating
-speedrun = ''  # train, with nanogpt: also our train.py on this config file (config/train_shakespeare_char_cpu.py)
-nanogpt_iters = 2000  # train, with nanogpt: max_iters (= lr_decay_iters) of nanoGPT's command; 2000 as published
+speedrun = ''  # train, with nanogpt: also time our train.py on this config file (the CPU speedrun)
+nanogpt_iters = 2000  # train, with nanogpt: nanoGPT's max_iters = lr_decay_iters; 2000 as published
 # -----------------------------------------------------------------------------
 configurator.configure(globals())
 
-# the shapes of nanoGPT's README command for CPUs (where config/train_shakespeare_char_cpu.py started;
-# it trains at batch 16) and of config/train_shakespeare_char.py at batch 16 (its 64 would make a CPU
-# step take seconds)
+# the shapes of nanoGPT's README command for CPUs (where config/train_shakespeare_char_cpu.py
+# started; it trains at batch 16) and of config/train_shakespeare_char.py at batch 16 (its 64 would
+# make a CPU step take seconds)
 SHAPES = {
     'cpu': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0),
     'baby': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16, dropout=0.2),
-    'tiny': dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, dropout=0.0),  # a check, in seconds
+    # a check, in seconds
+    'tiny': dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, dropout=0.0),
 }
 
 
 # nanoGPT's README command for a CPU (val loss ~1.88 in ~3 minutes), after its config file
-NANOGPT_CPU = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=False', '--eval_iters=20', '--log_interval=1',
+NANOGPT_CPU = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=False',
+               '--eval_iters=20', '--log_interval=1',
                '--block_size=64', '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128',
                f'--max_iters={nanogpt_iters}', f'--lr_decay_iters={nanogpt_iters}', '--dropout=0.0']
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def nanogpt_copy(tmp):
-    """A copy of --nanogpt in tmp with its shakespeare_char prepared by its own prepare.py, and ours prepared."""
+    """A copy of --nanogpt in tmp with its shakespeare_char prepared by its own prepare.py,
+    and ours prepared."""
     if not os.path.isfile(os.path.join(nanogpt, 'train.py')):
         configurator.fail(f"--nanogpt={nanogpt} is not a nanoGPT checkout (no train.py): git clone "
                           f"https://github.com/karpathy/nanoGPT and pass its path")
     nano = os.path.join(tmp, 'nanoGPT')
     shutil.copytree(nanogpt, nano, ignore=shutil.ignore_patterns('out*', '*.bin', '.git'))
-    shutil.copy(os.path.join(DATA_DIR, 'shakespeare_char', 'input.txt'), os.path.join(nano, 'data', 'shakespeare_char'))
-    subprocess.run([sys.executable, 'data/shakespeare_char/prepare.py'], cwd=nano, check=True, capture_output=True)
+    shutil.copy(os.path.join(DATA_DIR, 'shakespeare_char', 'input.txt'),
+                os.path.join(nano, 'data', 'shakespeare_char'))
+    subprocess.run([sys.executable, 'data/shakespeare_char/prepare.py'], cwd=nano, check=True,
+                   capture_output=True)
     if not os.path.isfile(os.path.join(DATA_DIR, 'shakespeare_char', 'meta.json')):
-        subprocess.run([sys.executable, 'prepare.py', 'shakespeare_char'], cwd=HERE, check=True, capture_output=True)
+        subprocess.run([sys.executable, 'prepare.py', 'shakespeare_char'], cwd=HERE, check=True,
+                       capture_output=True)
     return nano
 
 
 def whole_processes(commands):
-    """{name: [(seconds, stdout), ...]}: each (cwd, args) of commands run --processes times, alternating."""
+    """{name: [(seconds, stdout), ...]}: each (cwd, args) of commands run --processes
+    times, alternating."""
     runs = {name: [] for name in commands}
     for k in range(processes):
         for name, (cwd, args) in commands.items():
             t0 = time.perf_counter()
-            p = subprocess.run([sys.executable, *[a.format(k=k) for a in args]], cwd=cwd, capture_output=True, text=True)
+            p = subprocess.run([sys.executable, *[a.format(k=k) for a in args]], cwd=cwd,
+                               capture_output=True, text=True)
             if p.returncode != 0:
                 sys.exit(f"{name} failed ({' '.join(args)}):\n{p.stderr[-2000:]}")
             runs[name].append((time.perf_counter() - t0, p.stdout))
@@ -129,59 +140,71 @@ def whole_processes(commands):
 
 
 def bench_train_processes():
-    """nanoGPT's CPU command, with its train.py and ours: iterations/s (logged ms) and whole-process time."""
+    """nanoGPT's CPU command, with its train.py and ours: iterations/s (logged ms)
+    and whole-process time."""
     with tempfile.TemporaryDirectory(prefix='bench-nanogpt-') as tmp:
         nano = nanogpt_copy(tmp)
         load0 = cpu_seconds(), time.perf_counter()
-        commands = {'nanoGPT': (nano, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-nano-{{k}}']),
-                    'ours': (HERE, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-ours-{{k}}'])}
+        commands = {
+            'nanoGPT': (nano, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-nano-{{k}}']),
+            'ours': (HERE, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-ours-{{k}}'])}
         if speedrun:  # its own recipe: only the whole-process time compares
-            commands['speedrun'] = (HERE, ['train.py', speedrun, f'--out_dir={tmp}/out-speedrun-{{k}}'])
+            commands['speedrun'] = (HERE, ['train.py', speedrun,
+                                           f'--out_dir={tmp}/out-speedrun-{{k}}'])
         runs = whole_processes(commands)
         load = others_load(*load0)
     short = f" (shortened: max_iters {nanogpt_iters})" if nanogpt_iters != 2000 else ""
-    print(f"nanoGPT's CPU command{short}, whole train.py processes, {processes} of each, alternating; "
-          f"torch {torch.__version__}")
+    print(f"nanoGPT's CPU command{short}, whole train.py processes, {processes} of each, "
+          f"alternating; torch {torch.__version__}")
     print(f"{'':<8} {'ms/iter':>8} {'iters/s':>8} {'process':>9} {'best val':>9}")
     stats = {}
     for name, rs in runs.items():
-        # each logs 'iter N: loss L, ... T ms' (nanoGPT: 'time T ms'); the median skips evaluations' iterations
-        ms = [statistics.median(float(m) for m in re.findall(r"^iter \d+: .*?([0-9.]+) ?ms", out, re.M)) for _, out in rs]
+        # each logs 'iter N: loss L, ... T ms' (nanoGPT: 'time T ms'); the median skips the
+        # evaluations' iterations
+        ms = [statistics.median(float(m)
+                                for m in re.findall(r"^iter \d+: .*?([0-9.]+) ?ms", out, re.M))
+              for _, out in rs]
         vals = [min(float(v) for v in re.findall(r"val loss ([0-9.]+)", out)) for _, out in rs]
         stats[name] = statistics.median(ms), statistics.median(t for t, _ in rs)
-        print(f"{name:<8} {stats[name][0]:8.2f} {1000 / stats[name][0]:8.2f} {stats[name][1]:8.1f}s "
-              f"{statistics.median(vals):9.4f}")
+        print(f"{name:<8} {stats[name][0]:8.2f} {1000 / stats[name][0]:8.2f} "
+              f"{stats[name][1]:8.1f}s {statistics.median(vals):9.4f}")
     (a, ta), (b, tb) = stats['nanoGPT'], stats['ours']
-    print(f"ours vs nanoGPT: {a / b:.2f}x the iterations/s, {tb / ta:.2f}x the whole-process time; {load}")
+    print(f"ours vs nanoGPT: {a / b:.2f}x the iterations/s, {tb / ta:.2f}x the whole-process time; "
+          f"{load}")
     if speedrun:
-        print(f"speedrun ({speedrun}) vs nanoGPT's command: {stats['speedrun'][1] / ta:.2f}x the whole-process time")
+        print(f"speedrun ({speedrun}) vs nanoGPT's command: {stats['speedrun'][1] / ta:.2f}x the "
+              f"whole-process time")
     extra = f' --speedrun={speedrun}' if speedrun else ''
     extra += f' --nanogpt_iters={nanogpt_iters}' if nanogpt_iters != 2000 else ''
-    print(f"reproduce: python bench.py --mode=train --variants={variants} --nanogpt={nanogpt} --processes={processes}"
-          f"{extra}")
+    print(f"reproduce: python bench.py --mode=train --variants={variants} --nanogpt={nanogpt} "
+          f"--processes={processes}{extra}")
 
 
 def bench_sample_processes():
-    """sample.py's whole process, nanoGPT's and ours, on a baby-GPT checkpoint written by nanoGPT's train.py."""
+    """sample.py's whole process, nanoGPT's and ours, on a baby-GPT checkpoint written
+    by nanoGPT's train.py."""
     with tempfile.TemporaryDirectory(prefix='bench-nanogpt-') as tmp:
         nano = nanogpt_copy(tmp)
         out = os.path.join(tmp, 'out-baby')
-        subprocess.run([sys.executable, 'train.py', 'config/train_shakespeare_char.py', '--device=cpu', '--compile=False',
-                        '--eval_iters=1', '--max_iters=1', '--eval_interval=1', '--batch_size=2', f'--out_dir={out}'],
+        subprocess.run([sys.executable, 'train.py', 'config/train_shakespeare_char.py',
+                        '--device=cpu', '--compile=False', '--eval_iters=1', '--max_iters=1',
+                        '--eval_interval=1', '--batch_size=2', f'--out_dir={out}'],
                        cwd=nano, check=True, capture_output=True)
         size = os.path.getsize(os.path.join(out, 'ckpt.pt'))
-        args = ['sample.py', f'--out_dir={out}', '--device=cpu', '--num_samples=1', f'--max_new_tokens={new_tokens}']
+        args = ['sample.py', f'--out_dir={out}', '--device=cpu', '--num_samples=1',
+                f'--max_new_tokens={new_tokens}']
         load0 = cpu_seconds(), time.perf_counter()
         runs = whole_processes({'nanoGPT': (nano, args), 'ours': (HERE, args)})
         load = others_load(*load0)
-    print(f"sample.py, whole processes, on nanoGPT's baby GPT checkpoint ({size / 2**20:.0f} MiB with AdamW's moments), "
-          f"1 sample of {new_tokens} tokens, {processes} of each, alternating; torch {torch.__version__}")
+    print(f"sample.py, whole processes, on nanoGPT's baby GPT checkpoint ({size / 2**20:.0f} MiB "
+          f"with AdamW's moments), 1 sample of {new_tokens} tokens, {processes} of each, "
+          f"alternating; torch {torch.__version__}")
     t = {name: statistics.median(s for s, _ in rs) for name, rs in runs.items()}
     for name, rs in runs.items():
         print(f"{name:<8} {t[name]:6.2f} s  ({', '.join(f'{s:.2f}' for s, _ in rs)})")
     print(f"ours vs nanoGPT: {t['ours'] / t['nanoGPT']:.2f}x the time; {load}")
-    print(f"reproduce: python bench.py --mode=sample --ways={ways} --nanogpt={nanogpt} --processes={processes}"
-          f"{f' --new_tokens={new_tokens}' if new_tokens != 500 else ''}")
+    print(f"reproduce: python bench.py --mode=sample --ways={ways} --nanogpt={nanogpt} "
+          f"--processes={processes}{f' --new_tokens={new_tokens}' if new_tokens != 500 else ''}")
 
 
 def tree_rss(pid):
@@ -191,7 +214,8 @@ def tree_rss(pid):
         p = todo.pop()
         try:
             with open(f'/proc/{p}/status') as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmRSS:'))
+                total += next(int(line.split()[1]) * 1024 for line in f
+                              if line.startswith('VmRSS:'))
             for task in os.listdir(f'/proc/{p}/task'):
                 with open(f'/proc/{p}/task/{task}/children') as f:
                     todo += [int(c) for c in f.read().split()]
@@ -218,17 +242,19 @@ def bench_prepare():
     # the limit: tiktoken on one core, the same kind of text, in this process
     enc = gpt2_encoding()
     rates = []
-    for _ in range(5):  # the median of 5 passes over ~4 MB: this machine's speed drifts from second to second
+    # the median of 5 passes over ~4 MB: this machine's speed drifts from second to second
+    for _ in range(5):
         t0 = time.perf_counter()
         n = sum(len(enc.encode_ordinary(doc)) + 1 for doc in sample)
         rates.append(n / (time.perf_counter() - t0))
     single = sorted(rates)[2]
 
     name = '_bench_prepare'
-    cmd = [sys.executable, 'prepare.py', name, f'--input={corpus}', '--separator=<|endoftext|>', f'--workers={workers}']
+    cmd = [sys.executable, 'prepare.py', name, f'--input={corpus}', '--separator=<|endoftext|>',
+           f'--workers={workers}']
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)),
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = 0
     while p.poll() is None:
         peak = max(peak, tree_rss(p.pid))
@@ -240,10 +266,12 @@ def bench_prepare():
     if p.returncode != 0:
         sys.exit(f"prepare.py failed:\n{out}")
     last = out.strip().splitlines()[-1]
-    tokens = sum(int(last.split(f)[0].split()[-1].replace(',', '')) for f in (' train and', ' val tokens'))
+    tokens = sum(int(last.split(f)[0].split()[-1].replace(',', ''))
+                 for f in (' train and', ' val tokens'))
     cores = int(last.split(' on ')[1].split()[0])
 
-    print(f"\nprepare.py, GPT-2 BPE, {size / 1e6:,.3g} MB corpus, {tokens:,} tokens, {cores} process(es):")
+    print(f"\nprepare.py, GPT-2 BPE, {size / 1e6:,.3g} MB corpus, {tokens:,} tokens, "
+          f"{cores} process(es):")
     print(f"  end to end (read, encode, write):  {tokens / dt / 1e6:6.2f} M tokens/s  ({dt:.1f} s)")
     print(f"  encode_ordinary on one core:       {single / 1e6:6.2f} M tokens/s  (median of 5; "
           f"{min(rates) / 1e6:.2f} to {max(rates) / 1e6:.2f})")
@@ -253,22 +281,25 @@ def bench_prepare():
 
 
 def cpu_seconds():
-    """(busy CPU seconds of the whole machine, of this process and its finished children) so far, from
-    /proc/stat (Linux; None elsewhere).
+    """(busy CPU seconds of the whole machine, of this process and its finished children) so far,
+    from /proc/stat (Linux; None elsewhere).
     On 2 cores another busy process matters: torch's threads wait for each other at every op."""
     try:
         with open('/proc/stat') as f:
-            ticks = [int(t) for t in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal
+            # user nice system idle iowait irq softirq steal
+            ticks = [int(t) for t in f.readline().split()[1:]]
     except OSError:  # macOS, Windows
         return None
     t = os.times()
-    # this process's own, and its finished subprocesses' (--nanogpt's runs are the measurement, not others')
+    # this process's own, and its finished subprocesses' (--nanogpt's runs are the measurement,
+    # not others')
     own = t.user + t.system + t.children_user + t.children_system
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf('SC_CLK_TCK'), own
 
 
 def others_load(start, t0):
-    """'other processes kept N% of the C cores busy meanwhile', since cpu_seconds() returned start at t0."""
+    """'other processes kept N% of the C cores busy meanwhile', since cpu_seconds() returned
+    start at t0."""
     now = cpu_seconds()
     if now is None or start is None:
         return "the load of other processes is not measured here (no /proc/stat)"
@@ -278,7 +309,8 @@ def others_load(start, t0):
 
 
 def synchronize():
-    """Wait for the device's queued work, so that a time measures it (CUDA and MPS run asynchronously)."""
+    """Wait for the device's queued work, so that a time measures it (CUDA and
+    MPS run asynchronously)."""
     if device.startswith('cuda'):
         torch.cuda.synchronize()
     elif device == 'mps':
@@ -286,10 +318,12 @@ def synchronize():
 
 
 def make_model(s, flash=True):
-    """A GPT of shape s (a SHAPES entry) at its seeded initialisation, vocab 65 as shakespeare_char."""
+    """A GPT of shape s (a SHAPES entry) at its seeded initialisation,
+    vocab 65 as shakespeare_char."""
     torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'], block_size=s['block_size'],
-                         vocab_size=65, dropout=s['dropout'], bias=True, flash=flash)).to(device)
+    return GPT(GPTConfig(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'],
+                         block_size=s['block_size'], vocab_size=65, dropout=s['dropout'], bias=True,
+                         flash=flash)).to(device)
 
 
 def bench_train(s):
@@ -302,7 +336,9 @@ def bench_train(s):
     B, T = s['batch_size'], s['block_size']
     g = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(0, 65, (B, T + 1), generator=g) for _ in range(8)]
-    batches = [(xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)) for xy in seqs]  # (B, T) inputs, targets
+    # (B, T) inputs, targets
+    batches = [(xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device))
+               for xy in seqs]
     n_threads = torch.get_num_threads()  # the default, or --threads
     runs = {}
     for name in names:
@@ -312,8 +348,10 @@ def bench_train(s):
         # configure_optimizers' groups (weight decay on matrices only); 'fused' is what it returns;
         # the plain way is nanoGPT's on a CPU: AdamW's loop over the tensors, one at a time
         groups = [{'params': g['params'], 'weight_decay': g['weight_decay']}
-                  for g in model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(':')[0]).param_groups]
-        opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused='fused' in opts, foreach=False)
+                  for g in model.configure_optimizers(0.1, 1e-3, (0.9, 0.99),
+                                                      device.split(':')[0]).param_groups]
+        opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused='fused' in opts,
+                                foreach=False)
         ctx = torch.autocast(device, torch.bfloat16) if 'bf16' in opts else nullcontext()
         fwd = torch.compile(model) if 'compile' in opts else model
         runs[name] = dict(model=model, fwd=fwd, opt=opt, ctx=ctx, opts=opts, times=[], losses=[])
@@ -332,10 +370,12 @@ def bench_train(s):
         r['losses'].append(loss.item())  # waits for the step, as train.py's log line does
         return time.perf_counter() - t0
 
-    print(f"training steps, shape '{s['name']}': {s['n_layer']} layers x {s['n_head']} heads x {s['n_embd']}, "
-          f"block {T}, batch {B}, dropout {s['dropout']}, {runs[names[0]]['model'].get_num_params() / 1e6:.2f}M "
-          f"parameters; torch {torch.__version__}, {n_threads} threads, device {device}")
-    for name, r in runs.items():  # warm-up; the first step of a compiled model includes compiling it
+    print(f"training steps, shape '{s['name']}': {s['n_layer']} layers x {s['n_head']} heads x "
+          f"{s['n_embd']}, block {T}, batch {B}, dropout {s['dropout']}, "
+          f"{runs[names[0]]['model'].get_num_params() / 1e6:.2f}M parameters; "
+          f"torch {torch.__version__}, {n_threads} threads, device {device}")
+    # warm-up; the first step of a compiled model includes compiling it
+    for name, r in runs.items():
         r['first'] = step(r, 0)
         for i in range(1, warmup):
             step(r, i)
@@ -353,13 +393,14 @@ def bench_train(s):
           f"{'first step':>11} {'last loss':>10}")
     for name, r in runs.items():
         dt = statistics.median(r['times'])
-        print(f"{name:<{w}} {dt * 1e3:8.1f} {B * T / dt:9,.0f} {flops / dt / 1e9:8.1f} {base / dt:8.2f}x "
-              f"{r['first']:10.1f}s {r['losses'][-1]:10.4f}")
-    print(f"medians of {rounds} x {iters} steps each, round-robin; {load}. 'first step' includes compiling, "
-          f"shorter when inductor's on-disk cache holds the graph: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 times a cold "
-          f"compile")
+        print(f"{name:<{w}} {dt * 1e3:8.1f} {B * T / dt:9,.0f} {flops / dt / 1e9:8.1f} "
+              f"{base / dt:8.2f}x {r['first']:10.1f}s {r['losses'][-1]:10.4f}")
+    print(f"medians of {rounds} x {iters} steps each, round-robin; {load}. 'first step' includes "
+          f"compiling, shorter when inductor's on-disk cache holds the graph: "
+          f"TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 times a cold compile")
     print(f"reproduce: python bench.py --mode=train --shape={s['name']} --variants={variants} "
-          f"--rounds={rounds} --iters={iters} --warmup={warmup} --threads={threads} --device={device}")
+          f"--rounds={rounds} --iters={iters} --warmup={warmup} --threads={threads} "
+          f"--device={device}")
 
 
 def bench_sample(s):
@@ -373,7 +414,8 @@ def bench_sample(s):
             configurator.fail(f"unknown way '{name}': join plain, cache, bf16 with '+'")
     times = {(n, w): [] for n, _ in lengths for w in names}
     outs = {}
-    idx = torch.zeros((1, 1), dtype=torch.long, device=device)  # a one-token prompt, as sample.py's default "\n"
+    # a one-token prompt, as sample.py's default "\n"
+    idx = torch.zeros((1, 1), dtype=torch.long, device=device)
     model.generate(idx, 8)  # warm-up
     load0 = cpu_seconds(), time.perf_counter()
     for _ in range(repeats):
@@ -382,21 +424,24 @@ def bench_sample(s):
             ctx = torch.autocast(device, torch.bfloat16) if 'bf16' in w else nullcontext()
             t0 = time.perf_counter()
             with ctx:  # for the whole call, as sample.py does
-                outs[n, w] = model.generate(idx, n, temperature=0.8, top_k=200, use_cache='cache' in w)
+                outs[n, w] = model.generate(idx, n, temperature=0.8, top_k=200,
+                                            use_cache='cache' in w)
             synchronize()
             times[n, w].append(time.perf_counter() - t0)
 
-    print(f"generate(), shape '{s['name']}': {s['n_layer']} layers x {s['n_head']} heads x {s['n_embd']}, "
-          f"block_size {T}, batch 1, one-token prompt; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'new tokens':<28} {'way':<12} {'tokens/s':>9} {'vs first':>9} {'same tokens as first':>21}")
+    print(f"generate(), shape '{s['name']}': {s['n_layer']} layers x {s['n_head']} heads x "
+          f"{s['n_embd']}, block_size {T}, batch 1, one-token prompt; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'new tokens':<28} {'way':<12} {'tokens/s':>9} {'vs first':>9} "
+          f"{'same tokens as first':>21}")
     for n, label in lengths:
         base = statistics.median(times[n, names[0]])
         for w in names:
             t = statistics.median(times[n, w])
             same = 'yes' if torch.equal(outs[n, w], outs[n, names[0]]) else 'no'
             print(f"{n:>4} ({label + ')':<22} {w:<12} {n / t:9,.1f} {base / t:8.2f}x {same:>21}")
-    print(f"medians of {repeats} interleaved runs each, ratios to '{names[0]}'; past block_size every way runs a "
-          f"full forward per token; {others_load(*load0)}")
+    print(f"medians of {repeats} interleaved runs each, ratios to '{names[0]}'; past block_size "
+          f"every way runs a full forward per token; {others_load(*load0)}")
     print(f"reproduce: python bench.py --mode=sample --shape={s['name']} --new_tokens={new_tokens} "
           f"--repeats={repeats} --ways={ways} --threads={threads} --device={device}")
 
@@ -413,7 +458,8 @@ elif mode in ('train', 'sample'):
     name = shape if shape != 'auto' else {'train': 'cpu', 'sample': 'baby'}[mode]
     if name not in SHAPES:
         configurator.fail(f"shape must be 'auto', 'cpu', 'baby' or 'tiny', not '{shape}'")
-    if variants if mode == 'train' else ways:  # --variants= (or --ways=) with --nanogpt: the processes only
+    # --variants= (or --ways=) with --nanogpt: the processes only
+    if variants if mode == 'train' else ways:
         (bench_train if mode == 'train' else bench_sample)(dict(SHAPES[name], name=name))
     if nanogpt:
         (bench_train_processes if mode == 'train' else bench_sample_processes)()

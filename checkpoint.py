@@ -15,6 +15,7 @@ Checkpoints). model.py knows nothing of files; hf_models.py reads and writes Hug
 """
 
 import atexit
+import math
 import os
 import shutil
 import socket
@@ -32,6 +33,7 @@ import torch
 from devices import fail_together
 from downloads import GPT2_SIZES
 from hf_models import from_pretrained, hf_tokenizer_of
+from lora import add_lora, is_lora, load_lora_state_dict, lora_state_dict, merge_lora, train_new_rows
 from memory import human_bytes
 from model import GPT, GPTConfig
 from tokenizer import DATA_DIR, DataError, gpt2_tokenizer, load_meta, load_tokenizer
@@ -85,8 +87,9 @@ def full_state(model, optimizer, sharded):
     """(model's state, optimizer's state) as whole tensors, the optimizer's numbered as torch.optim
     numbers them, so that any run reads them (one process, DDP, FSDP, nanoGPT). sharded (FSDP2):
     every process calls it, the shards are gathered to the master's CPU, the others get {}."""
-    if not sharded:
-        return model.state_dict(), optimizer.state_dict()
+    if not sharded:  # LoRA: the adapters alone (lora.py)
+        model_sd = lora_state_dict(model) if is_lora(model) else model.state_dict()
+        return model_sd, optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
@@ -161,6 +164,8 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     # a model saved after torch.compile has its names prefixed with '_orig_mod.'
     state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()}
     args = {**checkpoint['model_args'], **checkpoint.get('arch', {}), **overrides}
+    if 'lora' in checkpoint:  # adapters only: the model is their base, with them
+        return with_adapters(checkpoint['lora'], GPTConfig(**args), state_dict).to(device), checkpoint
     with torch.device('meta'):  # shapes only: the file's tensors are the weights
         model = GPT(GPTConfig(**args), init_weights=False)
     model.load_state_dict(state_dict, assign=True)
@@ -168,6 +173,30 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
         model.transformer.wte.weight = model.lm_head.weight
     model.to(device)
     return model, checkpoint  # without 'model': its tensors are the model's now
+
+
+def fingerprint(model):
+    """One number that changes with any weight: a LoRA checkpoint keeps its base's, to check it."""
+    return sum(p.double().sum().item() + p.double().abs().sum().item() for p in model.parameters())
+
+
+def with_adapters(lora, config, adapters):
+    """The model of a LoRA checkpoint (lora: its 'lora' entry): the base it names, cropped and grown
+    as its run did, with the adapters (and the rows of new tokens) it trained (lora.py)."""
+    model, _, _ = load_model(lora['base'], 'cpu', dropout=config.dropout, flash=config.flash)
+    model.train()
+    if config.block_size < model.config.block_size:
+        model.crop_block_size(config.block_size)
+    if lora['known'] < config.vocab_size:
+        model.grow_vocab(config.vocab_size, lora['known'])
+    if not math.isclose(fingerprint(model), lora['fingerprint'], rel_tol=1e-9):
+        raise ValueError(f"the base model of these adapters, {lora['base']}, has changed since they "
+                         f"were trained: restore it, or train the adapters again")
+    add_lora(model, lora['rank'], lora['alpha'], lora['dropout'], lora['targets'])
+    if lora['known'] < config.vocab_size:
+        train_new_rows(model, lora['known'])
+    load_lora_state_dict(model, adapters)
+    return model
 
 
 def find_checkpoint(out_dir, ckpt_name='ckpt.pt'):
@@ -210,6 +239,11 @@ def check_resume(checkpoint, model, settings, vocab_sizes, config):
                 raise ValueError(f"the checkpoint has {k} = {have}, the settings say {k} = "
                                  f"{settings[k]}: give the settings it was trained with (the same "
                                  f"config file)")
+    for k in ('lora_rank', 'lora_targets'):  # LoRA's adapters have their shapes too
+        was = checkpoint['config'].get(k, 0 if k == 'lora_rank' else config[k])
+        if k in config and was != config[k]:
+            raise ValueError(f"the checkpoint has {k} = {was}, the settings say {k} = {config[k]}: "
+                             f"give the settings it was trained with (the same config file)")
     fixed = set(settings) | {'init_from', 'device', 'dtype'}
     return [f"{k}: {v} in the checkpoint, now {config[k]}" for k, v in checkpoint['config'].items()
             if k in config and k not in fixed and v != config[k]]
@@ -368,6 +402,7 @@ def load_model(source, device='cpu', ckpt_name='ckpt.pt', block_size=0, **overri
     else:
         path = source if os.path.isfile(source) else find_checkpoint(source, ckpt_name)
         model, checkpoint = load_checkpoint(path, device, optimizer=False, **overrides)
+        merge_lora(model)  # a LoRA run's adapters folded into the weights they adapt
         dataset = checkpoint.get('config', {}).get('dataset')
         if dataset is None:
             raise ValueError(f"{path} does not say which dataset it was trained on "
@@ -393,7 +428,8 @@ def fit_vocab(model, base_tok, tok, meta, vocab_size, log=print):
     """Fit a base model (whose tokenizer is base_tok) to a dataset (tok, meta): the data's ids must
     mean what the base's mean, and the ids the base never learned (a chat template's markers, new
     characters) get fresh rows (model.grow_vocab), the vocabulary growing to vocab_size if smaller.
-    A ValueError when the base learned another tokenizer, which growing cannot mend."""
+    Returns the number of ids the base knew; a ValueError when the base learned another tokenizer,
+    which growing cannot mend."""
     known = base_tok.n_vocab  # ids the base learned
     base = meta['chat']['base_vocab_size'] if 'chat' in meta else meta['vocab_size']  # the data's
     # the data's first `base` ids are a tokenizer's: it must be the model's (compared id by id)
@@ -409,3 +445,4 @@ def fit_vocab(model, base_tok, tok, meta, vocab_size, log=print):
         log(f"the embedding and the lm_head grow by {added} rows to {model.config.vocab_size:,}; "
             f"ids {known:,}..{tok.n_vocab - 1:,} (the chat template's tokens, new characters) "
             f"start at the mean of the others")
+    return known

@@ -48,16 +48,18 @@ def unknown_key_message(key, known, where):
 
 
 def coerce(key, value, default, where):
-    """Return value converted to the type of default, or stop with a message saying why it can't be."""
+    """Return value converted to the type of default, or stop with a message saying
+    why it can't be."""
     want = type(default)
     if want is float and type(value) is int:
         return float(value)  # --learning_rate=1 means 1.0
     if want is str and type(value) is bool:
         return str(value)  # compile = True in a config file, for a setting whose default is 'auto'
     if type(value) is not want:
-        example = {bool: 'True or False', int: 'an integer such as 100', float: 'a number such as 3e-4',
-                   str: 'a string'}[want]
-        fail(f"{key} must be {want.__name__} ({example}), got {value!r} ({type(value).__name__}) {where}")
+        example = {bool: 'True or False', int: 'an integer such as 100',
+                   float: 'a number such as 3e-4', str: 'a string'}[want]
+        fail(f"{key} must be {want.__name__} ({example}), got {value!r} ({type(value).__name__}) "
+             f"{where}")
     return value
 
 
@@ -92,8 +94,10 @@ def run_config_file(path, scope):
         fail(f"{path}:{e.lineno}: {e.msg} (a config file is Python: lines of key = value)")
     try:
         exec(code, scope)
-    except Exception as e:  # a mistake in the file (a misspelt name, ...): its line, not a traceback
-        lineno = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path][-1:] or ['?']
+    except Exception as e:
+        # a mistake in the file (a misspelt name, ...): its line, not a traceback
+        lineno = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+                  if f.filename == path][-1:] or ['?']
         fail(f"{path}:{lineno[0]}: {type(e).__name__}: {e}")
     # check every name the file set, whatever its value (None, a tuple, ...); a file may still
     # import modules, define helpers and use _private names
@@ -115,8 +119,10 @@ def comments_of(script_path):
                        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
                        if tok.type == tokenize.COMMENT}
     comments = {}
-    for node in ast.parse(source).body:  # the first assignment of a name: the settings block comes first
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+    # the first assignment of a name: the settings block comes first
+    for node in ast.parse(source).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
             comments.setdefault(node.targets[0].id, comment_at_line.get(node.lineno, ''))
     return comments
 
@@ -125,7 +131,8 @@ def print_help(scope, defaults):
     script = scope.get('__file__', 'script.py')
     comments = comments_of(script) if os.path.isfile(script) else {}
     name = os.path.basename(script)
-    print(f"usage: python {name} [config/file.py ...] [--key=value ...]\n\nsettings (default, then what it is):")
+    print(f"usage: python {name} [config/file.py ...] [--key=value ...]\n\n"
+          f"settings (default, then what it is):")
     width = max((len(f"{k} = {v!r}") for k, v in defaults.items()), default=0)
     for key, value in defaults.items():
         print(f"  {f'{key} = {value!r}':<{width}}  {comments.get(key, '')}".rstrip())

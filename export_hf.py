@@ -155,6 +155,10 @@ def export():
         tk = need('tokenizers', 'tokenizers')
     except ValueError as e:
         fail(e)
+    if gguf and tok.spec['type'] == 'char':
+        fail(f"{ckpt_path} reads characters, which llama.cpp's tokenizers (byte-level BPE, "
+             f"SentencePiece) cannot express: export without --gguf and use the folder with "
+             f"transformers (AutoTokenizer, pipeline)")
     try:  # the weights in transformers' names and shapes, the vocabulary's true size (not padded)
         kind = tok.spec['type']  # the end-of-text token, which config.json names bos and eos
         eot = GPT2_EOT if kind == 'gpt2' else eot_of(tok.tok) if kind == 'tokenizers' else None
@@ -188,9 +192,9 @@ def export():
         shutil.rmtree(tmp + '.old', ignore_errors=True)
     except ImportError as e:
         fail(e)
-    except (OSError, ValueError) as e:
-        fail(f"cannot write {gguf if gguf and isinstance(e, ValueError) else hf_dir} "
-             f"({getattr(e, 'strerror', None) or e})")
+    except (OSError, ValueError) as e:  # (gguf_export speaks of the folder by its final name)
+        why = (getattr(e, 'strerror', None) or str(e)).replace(tmp, hf_dir.rstrip('/'))
+        fail(f"cannot write {gguf if gguf and isinstance(e, ValueError) else hf_dir} ({why})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a failure: what was written so far
     layout = hf_config['architectures'][0]

@@ -254,8 +254,8 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
             raise DataError(f"--tokenizer '{tokenizer}' is not char, gpt2, bpe, nor a "
                             f"tokenizer.json file or folder")
 
-    # the text, as tasks that each name their split; 'auto' picks by document: every k-th one
-    # validates
+    # the text, as tasks that each name their split; 'auto' picks by document: every k-th
+    # one validates
     k = max(2, round(1 / val_fraction))
     if 'hub' in spec and not input:
         if tokenizer == 'char':
@@ -308,9 +308,9 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
 def write_dataset(out_dir, write):
     """meta = write(tmp), which writes the dataset's files under the names tmp gives, and meta.json;
     then they replace the old ones."""
-    # every file is written as .tmp and renamed at the end, so an old dataset stays whole until the
-    # new one is complete; on any error, or Ctrl-C, the .tmp files go, and so does a folder this run
-    # created
+    # every file is written as .tmp and renamed at the end, so an old dataset stays whole until
+    # the new one is complete; on any error, or Ctrl-C, the .tmp files go, and so does a folder
+    # this run created
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tmp = {f: os.path.join(out_dir, f + '.tmp')
@@ -376,8 +376,8 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
     if n_docs == 1:
         eot = None  # a single text has no document ends to learn (and keeps nanoGPT's token counts)
 
-    # uint16 holds ids up to 65,535 in half the bytes; a larger vocabulary takes uint32, never
-    # wrapping an id
+    # uint16 holds ids up to 65,535 in half the bytes; a larger vocabulary takes uint32,
+    # never wrapping an id
     dtype = 'uint16' if vocab <= 2 ** 16 else 'uint32'
     t0, counts, doc, bar = time.time(), dict(train=0, val=0), 0, None
     # the workers read a new tokenizer from its temporary name
@@ -453,8 +453,8 @@ def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp
         pairs = [tok.encode_conversation(msgs) for s, msgs in convs if s == split]
         n = np.array([len(ids) for ids, _ in pairs], dtype=np.uint64)
         np.array([i for ids, _ in pairs for i in ids], dtype=dtype).tofile(tmp[f'{split}.bin'])
-        np.array([m for _, mask in pairs for m in mask],
-                 dtype=np.uint8).tofile(tmp[f'{split}_mask.bin'])
+        np.array([m for _, mask in pairs for m in mask], dtype=np.uint8).tofile(
+            tmp[f'{split}_mask.bin'])
         # where each conversation starts, in tokens
         (np.cumsum(n) - n).tofile(tmp[f'{split}_starts.bin'])
         meta.update({f'{split}_tokens': int(n.sum()), f'{split}_conversations': len(pairs)})

@@ -65,8 +65,8 @@ CHAT_LAYOUT = ("each message is <|ROLE|> + its content's ids + <|end|>; a conver
 
 
 class DataError(ValueError):
-    """A problem with the user's data or files: the scripts print its message in one line and
-    exit."""
+    """A problem with the user's data or files: the scripts print its message in one
+    line and exit."""
 
 
 def need(module, pip_name):
@@ -78,8 +78,8 @@ def need(module, pip_name):
 
 
 def find_files(pattern, exts=('.txt',)):
-    """The files of --input: a file, a folder (every file in it ending in exts, recursively) or a
-    glob."""
+    """The files of --input: a file, a folder (every file in it ending in exts, recursively)
+    or a glob."""
     if os.path.isfile(pattern):
         return [pattern]
     found = [f for e in exts
@@ -118,8 +118,8 @@ def hf_tokenizer(path):
 
 
 def eot_of(tok):
-    """The end-of-text id of a tokenizers Tokenizer, under any of the common names; None if it has
-    none."""
+    """The end-of-text id of a tokenizers Tokenizer, under any of the common names; None if
+    it has none."""
     return next((i for i in map(tok.token_to_id, EOT_NAMES) if i is not None), None)
 
 
@@ -136,8 +136,8 @@ def byte_to_unicode():
 
 class Tokenizer:
     """One dataset's tokenizer: encode(text) -> list of ids, decode(ids) -> text; eot is the
-    end-of-text id that separates documents (None where the tokenizer has none, or for a single
-    text)."""
+    end-of-text id that separates documents (None where the tokenizer has none, or for
+    a single text)."""
 
     def __init__(self, spec, data_dir='.', eot=None, chat=None):
         self.spec, self.eot, self.chat = spec, eot, chat
@@ -250,13 +250,13 @@ class Tokenizer:
         return ids, mask
 
     def render_prompt(self, history):
-        """The ids a reply continues: the conversation so far (ending with the user's turn), then
-        <|assistant|>."""
+        """The ids a reply continues: the conversation so far (ending with the user's
+        turn), then <|assistant|>."""
         return self.encode_conversation(history)[0] + [self.special['<|assistant|>']]
 
     def array_encoder(self):
-        """encode(text) -> array of uint32 ids: the fastest way of each tokenizer, for large
-        corpora."""
+        """encode(text) -> array of uint32 ids: the fastest way of each tokenizer,
+        for large corpora."""
         if self.spec['type'] != 'char':
             return lambda text: np.array(self.encode(text), dtype=np.uint32)
         # characters -> ids with one table lookup: the text's code points index a table of ids
@@ -311,8 +311,8 @@ def load_meta(data_dir):
         try:
             with open(path, encoding='utf-8') as f:
                 meta = json.load(f)
-        # unreadable, not UTF-8, not JSON (JSONDecodeError is a ValueError)
         except (OSError, ValueError) as e:
+            # unreadable, not UTF-8, not JSON (JSONDecodeError is a ValueError)
             raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}): remake it with "
                             f"{remake(name)}") from None
         missing = ([k for k in META_KEYS if k not in meta] if isinstance(meta, dict)
@@ -379,8 +379,8 @@ def check_bins(data_dir, meta, splits=('train', 'val')):
 
 def load_dataset(name):
     """(meta, tokenizer) of the prepared dataset data/<name>: meta.json read whole, each .bin
-    checked to hold what it says (check_bins), and the tokenizer it was made with; else a
-    DataError."""
+    checked to hold what it says (check_bins), and the tokenizer it was made with;
+    else a DataError."""
     data_dir = os.path.join(DATA_DIR, name)
     meta = load_meta(data_dir)
     check_bins(data_dir, meta)

@@ -25,9 +25,10 @@ import torch.distributed as dist
 
 import configurator
 from batches import Batches, eval_stream, step_seed, train_stream
-from checkpoint import (fit_vocab, hold_out_dir, load_model, resume_checkpoint, resume_optimizer,
-                        save_run)
+from checkpoint import (fingerprint, fit_vocab, hold_out_dir, load_model, resume_checkpoint,
+                        resume_optimizer, save_run)
 from devices import StopSignals, compile_checked, peak_flops, resolve
+from lora import add_lora, train_new_rows
 from memory import exit_on_oom, memory_report
 from model import GPT, GPTConfig
 from muon import make_optimizer
@@ -93,6 +94,11 @@ dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16' (float16 uses a Gr
 compile = 'auto'  # torch.compile the model: 'auto' (on CUDA only) | True | False
 fsdp = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2), not copy (DDP)
 seed = 1337  # seeds the initialisation, dropout and the order of batches
+# finetuning with adapters (lora.py): the model init_from names stays frozen
+lora_rank = 0  # LoRA adapters of this rank on each block's matrices; 0: off (all weights learn)
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = 'c_attn,c_proj,c_fc'  # the Linear layers of each block that get adapters
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals())  # config files and --key=value flags
 
@@ -123,6 +129,11 @@ micro_steps = gradient_accumulation_steps // world  # this process's share of ea
 if sharded and optimizer == 'muon':
     fail("optimizer='muon' orthogonalises each whole weight matrix, but FSDP keeps only a shard "
          "of it on each process: use DDP (fsdp=False) or optimizer='adamw'")
+if lora_rank and (init_from == 'scratch' or sharded or optimizer != 'adamw'):
+    fail(f"lora_rank={lora_rank} adapts a trained model with AdamW, on one process or under DDP: "
+         f"give --init_from (a checkpoint, gpt2..gpt2-xl or a Hugging Face folder), "
+         f"--optimizer=adamw and --fsdp=False (now init_from={init_from!r}, optimizer={optimizer!r}, "
+         f"fsdp={fsdp})")
 try:  # each 'auto' becomes this machine's choice; under torchrun each process takes its own GPU
     local_rank = int(os.environ['LOCAL_RANK']) if ddp else None
     device, dtype, compile, flash = resolve(device, dtype, compile, flash, local_rank)
@@ -182,7 +193,7 @@ try:
     sys.excepthook = exit_on_oom(GPTConfig(**model_args), *oom_args)
 except ValueError as e:  # a shape GPTConfig refuses
     fail(e)
-iter_num, best_val_loss, checkpoint = 0, float('inf'), None  # steps taken; the lowest val loss
+iter_num, best_val_loss, checkpoint, lora = 0, float('inf'), None, None  # steps, best val loss
 try:
     if init_from == 'scratch':
         log(f"a new model from scratch, vocab_size {vocab_size}")
@@ -193,13 +204,20 @@ try:
                                               (vocab_size, meta['vocab_size']), config,
                                               mmap=sharded or device_type != 'cpu', log=log)
         iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])
+        lora = checkpoint.get('lora')  # a LoRA run's base and adapters (checkpoint.py)
     else:  # another run's checkpoint (FILE.pt), GPT-2's weights, or a Hugging Face folder
         log(f"initialising from {init_from} (its weights and shape; iteration 0, a new optimizer)")
         model, base_tok, _ = load_model(init_from, 'cpu', dropout=dropout, flash=flash)
         model.train()
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)  # GPT-2 has 1024 positions; fewer train faster
-        fit_vocab(model, base_tok, tok, meta, vocab_size, log)  # rows for ids it never learned
+        known = fit_vocab(model, base_tok, tok, meta, vocab_size, log)  # rows for new ids
+        if lora_rank:  # LoRA: the weights frozen, adapters and the rows of new ids learn (lora.py)
+            lora = dict(base=init_from, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                        targets=lora_targets.split(','), known=known, fingerprint=fingerprint(model))
+            add_lora(model, lora_rank, lora_alpha, lora_dropout, lora['targets'])
+            if known < model.config.vocab_size:
+                train_new_rows(model, known)
 except (ValueError, ImportError) as e:
     fail(e)
 if not sharded:  # FSDP moves each block to the GPU as it shards it
@@ -263,7 +281,8 @@ def save(names):
     """Write the run's state to out_dir/name for each of names, whole or not at all (checkpoint.py).
     Every process calls it: under FSDP they gather the weights together."""
     state = dict(model_args=model_args, scaler=scaler.state_dict(), iter_num=iter_num,
-                 best_val_loss=best_val_loss, config=config, rng_state=torch.get_rng_state())
+                 best_val_loss=best_val_loss, config=config, rng_state=torch.get_rng_state(),
+                 **(dict(lora=lora) if lora else {}))
     seconds = save_run(raw_model, optimizer, state, names, out_dir, sharded, master, device, ddp)
     log(f"saved {', '.join(names)} at iteration {iter_num} ({seconds:.1f} s)" + (
         "; under torchrun a preempted run has 30 s to save: see docs/devices.md"

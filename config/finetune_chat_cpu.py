@@ -2,11 +2,11 @@
 # config/train_shakespeare_char_cpu.py learns a conversation skill (letters_chat: three letters in,
 # the same in capitals out; 'again' repeats the last answer, which needs the turn before):
 #   python prepare.py shakespeare_char && python train.py config/train_shakespeare_char_cpu.py
-#   python prepare.py letters_chat          # the chat template over data/shakespeare_char's 65 characters
+#   python prepare.py letters_chat  # the chat template over data/shakespeare_char's 65 characters
 #   python train.py config/finetune_chat_cpu.py
 #   python chat.py --out_dir=out-chat-cpu --temperature=0
-# Only the assistant's tokens are targets; the model keeps the base's shape (4 x 128, RoPE, RMSNorm),
-# its embedding grows by the 4 markers (65 -> 69 ids), and the optimizer starts afresh.
+# Only the assistant's tokens are targets; the model keeps the base's shape (4 x 128, RoPE,
+# RMSNorm), its embedding grows by the 4 markers (65 -> 69 ids), and the optimizer starts afresh.
 
 out_dir = 'out-chat-cpu'
 init_from = 'out-shakespeare-char-cpu/ckpt.pt'  # the base model's checkpoint file

@@ -27,5 +27,5 @@ max_iters = 20
 learning_rate = 3e-5
 decay_lr = False
 
-eval_sample = 'ROMEO:'  # watch it learn: a continuation drawn at evaluations (train.py, watch_interval)
+eval_sample = 'ROMEO:'  # watch it learn: a continuation drawn at evaluations (train.py)
 eval_sample_tokens = 100

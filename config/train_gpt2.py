@@ -10,10 +10,11 @@ wandb_project = 'owt'
 wandb_run_name = 'gpt2-124M'
 
 dataset = 'openwebtext'
-# tokens per optimizer step: 16 sequences x 1024 tokens x 32 micro-steps = 524,288 = 2^19, about 0.5M
-# (GPT-3 paper, table 2.1, for models of this size). The 32 micro-steps are shared by all processes:
-# 4 each on 8 GPUs, 2 each on 2 machines of 8 (nanoGPT's 12 x 40 = 491,520 divides by 8, not by 16).
-# To choose for another count of processes: a multiple of it, with batch_size x block_size x it ~0.5M.
+# tokens per optimizer step: 16 sequences x 1024 tokens x 32 micro-steps = 524,288 = 2^19, about
+# 0.5M (GPT-3 paper, table 2.1, for models of this size). The 32 micro-steps are shared by all
+# processes: 4 each on 8 GPUs, 2 each on 2 machines of 8 (nanoGPT's 12 x 40 = 491,520 divides by 8,
+# not by 16). To choose for another count of processes: a multiple of it, with batch_size x
+# block_size x it ~0.5M.
 batch_size = 16
 block_size = 1024
 gradient_accumulation_steps = 4 * 8
@@ -28,7 +29,8 @@ weight_decay = 1e-1
 
 eval_interval = 1000
 eval_iters = 200
-eval_hellaswag = 10042  # all of HellaSwag's validation split at each evaluation (docs/eval.md: GPT-2 124M reads 0.2955)
+# all of HellaSwag's validation split at each evaluation (docs/eval.md: GPT-2 124M reads 0.2955)
+eval_hellaswag = 10042
 log_interval = 10
 checkpoint_interval = 250  # a preempted job loses at most 250 steps
 

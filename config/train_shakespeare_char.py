@@ -27,5 +27,5 @@ min_lr = 1e-4  # = learning_rate / 10
 beta2 = 0.99  # a little larger than GPT-2's 0.95: few tokens per step
 warmup_iters = 100
 
-eval_sample = 'ROMEO:'  # watch it learn: a continuation drawn at evaluations (train.py, watch_interval)
+eval_sample = 'ROMEO:'  # watch it learn: a continuation drawn at evaluations (train.py)
 eval_sample_tokens = 100

@@ -6,9 +6,9 @@
 # the settings below are reasoned, not tuned, and no loss is claimed for them. The architecture is
 # the one measured on shakespeare_char (config/train_shakespeare_char_modern.py): rotary positions,
 # RMSNorm, SwiGLU, grouped-query attention, QK-norm, no biases (each cited in model.py).
-# Size: 8 blocks of ~2.85M weights (c_attn 512 x 1024 with 4 key/value heads of 64, c_proj 512 x 512,
-# SwiGLU hidden 64 * round(8 * 512 / 3 / 64) = 1344) = ~22.8M, plus the tied 50304 x 512 embedding
-# (25.8M): ~48.6M in all, the size range of the TinyStories paper's larger models.
+# Size: 8 blocks of ~2.85M weights (c_attn 512 x 1024 with 4 key/value heads of 64, c_proj 512 x
+# 512, SwiGLU hidden 64 * round(8 * 512 / 3 / 64) = 1344) = ~22.8M, plus the tied 50304 x 512
+# embedding (25.8M): ~48.6M in all, the size range of the TinyStories paper's larger models.
 # Tokens: 32 x 512 x 4 = 65,536 per step, 10,000 steps = 655M, about one pass over TinyStoriesV2.
 
 out_dir = 'out-tinystories-modern'
@@ -41,5 +41,5 @@ beta2 = 0.95
 warmup_iters = 500
 weight_decay = 0.1
 
-eval_sample = 'Once upon a time'  # watch it learn: a continuation drawn at evaluations (train.py, watch_interval)
+eval_sample = 'Once upon a time'  # watch it learn: a continuation drawn at evaluations (train.py)
 eval_sample_tokens = 100

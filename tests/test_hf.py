@@ -218,10 +218,10 @@ def test_missing_hub_client_gets_one_line(repo, tmp_path, monkeypatch):
 # export_hf.py: checkpoints of train.py, loaded back by transformers
 
 
-def liven_checkpoint(path):
+def liven_checkpoint(path, std=0.5):
     """Give a checkpoint lively weights (see lively_), so that comparisons of logits are sharp."""
     model, checkpoint = load_checkpoint(path, 'cpu', mmap=False)  # read whole: the file is written over below
-    lively_(model.parameters(), seed=3, std=0.5)
+    lively_(model.parameters(), seed=3, std=std)
     checkpoint['model'] = model.state_dict()
     torch.save(checkpoint, path)
     return model.eval()
