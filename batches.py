@@ -81,8 +81,13 @@ class Batches:
         return items
 
     def rows(self, split, stream, batch_size, block_size):
-        """batch_size rows of block_size + 1 tokens (B, T + 1) and their targets (B, T), int64."""
+        """batch_size rows of block_size + 1 tokens (B, T + 1) and their targets (B, T), int64; of
+        a dataset of preference pairs, 2 B rows: the chosen replies' conversations, then the
+        rejected ones'."""
         T, n_tokens, dtype = block_size, self.meta[f'{split}_tokens'], self.meta['dtype']
+        if 'train_pairs' in self.meta:
+            ids = draw(stream, batch_size, self.meta[f'{split}_pairs'])
+            return self.conversations(split, [2 * k for k in ids] + [2 * k + 1 for k in ids], T)
         if not self.chat:
             rows = np.stack([self.read(f'{split}.bin', dtype, i, T + 1)
                              for i in draw(stream, batch_size, n_tokens - T)]).astype(np.int64)
@@ -100,10 +105,32 @@ class Batches:
             counts[r, :n] = self.read(f'{split}_mask.bin', np.uint8, i, n)
         return rows, np.where(counts[:, 1:], rows[:, 1:], -1)  # (B, T + 1), (B, T)
 
+    def conversations(self, split, convs, block_size):
+        """Conversations convs of split, one a row, cut at block_size + 1 tokens: (N, T + 1) ids, 0
+        after a conversation's end, and (N, T) targets, -1 but on the tokens its mask learns."""
+        T, starts, dtype = block_size, self.starts[split], self.meta['dtype']
+        ends = [*starts[1:], self.meta[f'{split}_tokens']]
+        rows = np.zeros((len(convs), T + 1), dtype=np.int64)  # (N, T + 1)
+        counts = np.zeros((len(convs), T + 1), dtype=bool)  # (N, T + 1)
+        for r, c in enumerate(convs):
+            n = min(T + 1, int(ends[c] - starts[c]))
+            rows[r, :n] = self.read(f'{split}.bin', dtype, int(starts[c]), n)
+            counts[r, :n] = self.read(f'{split}_mask.bin', np.uint8, int(starts[c]), n)
+        return rows, np.where(counts[:, 1:], rows[:, 1:], -1)  # (N, T + 1), (N, T)
+
+    def pairs(self, split, ids, block_size, device='cpu'):
+        """Inputs and targets (2 B, T) of the preference pairs ids (B of them), on device: the
+        chosen replies' conversations, then the rejected ones'."""
+        convs = [2 * k for k in ids] + [2 * k + 1 for k in ids]
+        return self.tensors(*self.conversations(split, convs, block_size), device)
+
     def get(self, split, stream, batch_size, block_size, device='cpu'):
         """Inputs x and targets y (x shifted by one; -1 where nothing is learned), (B, T) each, on
         device: pinned host memory first on a GPU, so that the copy runs asynchronously."""
-        rows, targets = self.rows(split, stream, batch_size, block_size)
+        return self.tensors(*self.rows(split, stream, batch_size, block_size), device)
+
+    def tensors(self, rows, targets, device):
+        """rows (B, T + 1) and targets (B, T) as inputs x and targets y, (B, T) each, on device."""
         x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # (B, T)
         y = torch.from_numpy(np.ascontiguousarray(targets))  # (B, T)
         if device.startswith('cuda'):

@@ -18,6 +18,7 @@ import torch
 
 import configurator
 from checkpoint import load_model
+from conversations import render_prompt
 from devices import resolve
 from model import KVCache, check_generate_args
 
@@ -48,16 +49,22 @@ generator = torch.Generator(device=device).manual_seed(seed)
 # mixed precision: matmuls in bfloat16 or float16 where the device has them
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], getattr(torch, dtype))
 try:
-    model, tok, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name)
+    source = out_dir if init_from == 'resume' else init_from
+    model, tok, checkpoint = load_model(source, device, ckpt_name)
 except (ValueError, ImportError) as e:
     fail(e)
-if not tok.special:
+if tok.chat is None:
     dataset = checkpoint['config'].get('dataset') if checkpoint else 'gpt2'
-    fail(f"this model was trained without a chat template (on {dataset}): finetune it on conversations first, "
-         f"python prepare.py sft --input=CHATS.jsonl --tokenizer=data/{dataset}, then python train.py "
-         f"--dataset=sft --init_from=PATH/TO/ckpt.pt (docs/chat.md)")
+    fail(f"this model was trained without a chat template (on {dataset}): finetune it on "
+         f"conversations first, python prepare.py sft --input=CHATS.jsonl "
+         f"--tokenizer=data/{dataset}, then python train.py --dataset=sft "
+         f"--init_from=PATH/TO/ckpt.pt (docs/chat.md)")
+try:  # a model's own template, rendered once now: one that is unsafe or broken ends here
+    render_prompt(tok, [dict(role='user', content='hello')])
+except ValueError as e:
+    fail(f"{source}: {e}")
 block_size = model.config.block_size
-end_ids = tok.special_ids  # <|end|> closes the reply; a marker opening another turn would too
+end_ids = tok.stop_ids  # <|end|> closes the reply (a marker opening another turn would too)
 piped = not sys.stdin.isatty()
 
 
@@ -96,7 +103,7 @@ def next_token(logits):
 
 def reply(history, context):
     """Generate the assistant's turn, printing it as it comes; return its text."""
-    prompt = tok.render_prompt(history)
+    prompt = render_prompt(tok, history)
     reserve = min(max_new_tokens, block_size // 2)  # room for the reply
     first = int(history[0]['role'] == 'system')  # the system prompt stays
     while len(prompt) > block_size - reserve and len(history) > first + 1:
@@ -105,7 +112,7 @@ def reply(history, context):
                   f"dropped)", file=sys.stderr)
         context.dropped = True
         del history[first:first + 2]  # the oldest user turn and its reply
-        prompt = tok.render_prompt(history)
+        prompt = render_prompt(tok, history)
     prompt = prompt[-block_size:]  # one user turn longer than the context: its end
     logits, out, shown = context.feed(prompt), [], ''
     for _ in range(max_new_tokens):

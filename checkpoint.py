@@ -33,7 +33,7 @@ import torch
 from devices import fail_together
 from downloads import GPT2_SIZES
 from hf_models import from_pretrained, hf_tokenizer_of
-from lora import add_lora, is_lora, load_lora_state_dict, lora_state_dict, merge_lora, train_new_rows
+from lora import adapt, is_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from memory import human_bytes
 from model import GPT, GPTConfig
 from tokenizer import DATA_DIR, DataError, gpt2_tokenizer, load_meta, load_tokenizer
@@ -175,11 +175,6 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     return model, checkpoint  # without 'model': its tensors are the model's now
 
 
-def fingerprint(model):
-    """One number that changes with any weight: a LoRA checkpoint keeps its base's, to check it."""
-    return sum(p.double().sum().item() + p.double().abs().sum().item() for p in model.parameters())
-
-
 def with_adapters(lora, config, adapters):
     """The model of a LoRA checkpoint (lora: its 'lora' entry): the base it names, cropped and grown
     as its run did, with the adapters (and the rows of new tokens) it trained (lora.py)."""
@@ -189,12 +184,10 @@ def with_adapters(lora, config, adapters):
         model.crop_block_size(config.block_size)
     if lora['known'] < config.vocab_size:
         model.grow_vocab(config.vocab_size, lora['known'])
-    if not math.isclose(fingerprint(model), lora['fingerprint'], rel_tol=1e-9):
+    settings = {k: v for k, v in lora.items() if k != 'fingerprint'}
+    if not math.isclose(adapt(model, **settings)['fingerprint'], lora['fingerprint'], rel_tol=1e-9):
         raise ValueError(f"the base model of these adapters, {lora['base']}, has changed since they "
                          f"were trained: restore it, or train the adapters again")
-    add_lora(model, lora['rank'], lora['alpha'], lora['dropout'], lora['targets'])
-    if lora['known'] < config.vocab_size:
-        train_new_rows(model, lora['known'])
     load_lora_state_dict(model, adapters)
     return model
 

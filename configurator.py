@@ -157,3 +157,11 @@ def configure(scope, argv=None):
             fail(unknown_key_message(key, defaults, f"in {arg}"))
         scope[key] = coerce(key, parse_value(raw, defaults[key]), defaults[key], f"in {arg}")
     return settings_of(scope)
+
+
+def check_ranges(settings, positive=(), non_negative=()):
+    """Stop with one line at the first of positive that is below 1, or of non_negative below 0."""
+    for names, low, what in ((positive, 1, 'be at least 1'), (non_negative, 0, 'not be negative')):
+        for name in names:
+            if settings[name] < low:
+                fail(f"{name} must {what}, not {settings[name]}")

@@ -142,6 +142,14 @@ def write_tokenizer(folder, tok, data_dir, block_size, tk):
     if tok.special:
         add_chat_template(folder, tok, tk)
         written += ", the chat template's markers and chat_template"
+    elif tok.template:  # a model's own template (conversations.py), as its folder had it
+        path = os.path.join(folder, 'tokenizer_config.json')
+        with open(path, encoding='utf-8') as f:
+            config = json.load(f)
+        write_json(path, dict(config, chat_template=tok.template, **tok.chat['named']))
+        write_json(os.path.join(folder, 'generation_config.json'),
+                   dict(eos_token_id=tok.chat['stop']))
+        written += ", the model's own chat_template"
     return written
 
 

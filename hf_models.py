@@ -26,7 +26,8 @@ import torch
 
 from downloads import download_gpt2
 from model import GPT, GPTConfig
-from tokenizer import DataError, Tokenizer, eot_of
+from conversations import model_template
+from tokenizer import Tokenizer, eot_of
 
 # GPT-2's files store these transposed, (in, out): OpenAI's code multiplied by them as a "Conv1D"
 HF_CONV1D = ('c_attn.weight', 'c_proj.weight', 'c_fc.weight')
@@ -296,12 +297,10 @@ def from_pretrained(name_or_path, device='cpu', dtype=torch.float32, **overrides
 
 
 def hf_tokenizer_of(folder):
-    """The Tokenizer of a folder's tokenizer.json, or None where it has none (GPT-2's weights)."""
+    """The Tokenizer of a folder's tokenizer.json, with the folder's chat template (a model's own:
+    conversations.py), or None where it has none (GPT-2's weights)."""
     if not os.path.isfile(os.path.join(folder, 'tokenizer.json')):
         return None
     spec = dict(type='tokenizers', file='tokenizer.json')
-    try:
-        probe = Tokenizer(spec, folder)
-    except DataError as e:
-        raise ValueError(str(e)) from None
-    return Tokenizer(spec, folder, eot=eot_of(probe.tok))
+    probe = Tokenizer(spec, folder)
+    return Tokenizer(spec, folder, eot=eot_of(probe.tok), chat=model_template(folder))

@@ -13,6 +13,7 @@ trained tensors only, and the base model on demand (preference tuning's frozen r
 """
 
 import math
+import os
 from contextlib import contextmanager
 
 import torch
@@ -95,6 +96,25 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=TARGETS):
             if name in targets and type(child) is nn.Linear:
                 setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
     return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)]
+
+
+def adapt(model, base, rank, alpha, dropout, targets, known):
+    """add_lora, and train_new_rows where the vocabulary grew past known (the ids the base model
+    learned); returns what a checkpoint keeps to build the same again: the base it names (base:
+    init_from), the settings, and the base's fingerprint."""
+    targets = targets.split(',') if isinstance(targets, str) else list(targets)
+    base = os.path.abspath(base) if os.path.exists(base) else base  # a file, a folder, 'gpt2'
+    lora = dict(base=base, rank=rank, alpha=alpha, dropout=dropout, targets=targets, known=known,
+                fingerprint=fingerprint(model))
+    add_lora(model, rank, alpha, dropout, targets)
+    if known < model.config.vocab_size:
+        train_new_rows(model, known)
+    return lora
+
+
+def fingerprint(model):
+    """One number that changes with any weight: a LoRA checkpoint keeps its base's, to check it."""
+    return sum(p.double().sum().item() + p.double().abs().sum().item() for p in model.parameters())
 
 
 def train_new_rows(model, known):

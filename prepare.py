@@ -11,21 +11,12 @@ Turns a text corpus into token ids that train.py reads (python prepare.py --help
     python prepare.py alpaca              # tatsu-lab/alpaca (hub); alpaca_zh: shibing624/alpaca-zh
 
 Each writes data/<name>/train.bin and val.bin (flat arrays of token ids) and meta.json, which says
-how to read them (dtype) and how to turn ids back into text (the tokenizer). Processes on every core
-encode the text a chunk at a time, so a corpus larger than memory works; every file is written under
-a temporary name and renamed at the end, so an interrupted run never leaves a truncated train.bin
-behind.
-
-Conversations (.jsonl files, .json arrays, or folders and globs of them; each record an
-OpenAI/Hugging Face "messages" list, a ShareGPT "conversations" list or an Alpaca
-instruction/input/output) go through the chat template of tokenizer.py instead, and also write
-<split>_mask.bin (uint8, 1 where a target counts: the assistant's tokens) and <split>_starts.bin
-(uint64 offsets where each conversation starts). Conversations are small next to pretraining corpora
-(Alpaca: 52k records, 20 MB), so they are read in one process, in memory. --tokenizer=data/<dataset>
-reuses exactly the tokenizer of a prepared dataset (the one a base model learned).
-
-The tokenizers themselves live in tokenizer.py (also the ones this makes: a trained BPE, a chat
-dataset's), downloads in downloads.py; importing this file does nothing but define things.
+how to read them (dtype) and turn ids back into text (the tokenizer: tokenizer.py). Processes on
+every core encode the text a chunk at a time, so a corpus larger than memory works; every file is
+written under a temporary name and renamed at the end, so an interrupted run never leaves a
+truncated train.bin behind. Conversations and preference pairs (.jsonl or .json records in the
+shapes conversations.py reads) go through a chat template instead, and also write which tokens
+are targets and where each conversation starts (docs/design.md, Data on disk).
 """
 
 import argparse
@@ -43,8 +34,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from downloads import HF_ENDPOINT, download, hub_batches
-from conversations import conversation_messages, read_conversations
-from tokenizer import (DATA_DIR, GPT2_EOT, DataError, Tokenizer, chat_tokenizer, eot_of, find_files,
+from conversations import encode_conversations, read_conversations
+from tokenizer import (DATA_DIR, GPT2_EOT, DataError, Tokenizer, eot_of, find_files,
                        gpt2_encoding, tokenizers_file)
 
 # the named datasets: their text (files at url + name, kept in data/<folder or name>/; or a hub
@@ -67,10 +58,16 @@ DATASETS = {
     # instruction/input/output records (Stanford Alpaca's 52,002; the Chinese translation's
     # 48,818), for chat SFT
     # a skill for a character model to learn on a CPU in minutes (docs/chat.md): 3 letters in, in
-    # capitals out; 'again' repeats the last answer. 2,000 conversations (test_chat.py's
+    # capitals out; 'again' repeats the last answer. 2,000 conversations (tests/letters.py's
     # skill(2000, 2)); 100 words held out
     'letters_chat': dict(files=['conversations.jsonl'], chat=True,
                          tokenizer='data/shakespeare_char', val_fraction=0.05),
+    # the same words, each reply ending with '!' or '.' half and half; then pairs preferring '!'
+    # (DPO). tests/letters.py made all three files
+    'letters_styles': dict(files=['conversations.jsonl'], chat=True,
+                           tokenizer='data/shakespeare_char', val_fraction=0.05),
+    'letters_prefs': dict(files=['pairs.jsonl'], chat=True, tokenizer='data/shakespeare_char',
+                          val_fraction=0.05),
     'alpaca': dict(hub='tatsu-lab/alpaca', tokenizer='gpt2', chat=True, val_fraction=0.02),
     'alpaca_zh': dict(hub='shibing624/alpaca-zh', tokenizer='gpt2', chat=True, val_fraction=0.02),
 }
@@ -226,7 +223,7 @@ def progress_bar():
 # -----------------------------------------------------------------------------
 
 def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, separator=None,
-            val_fraction=None, errors='strict', workers=0):
+            val_fraction=None, errors='strict', workers=0, chat_template='ours'):
     spec = DATASETS.get(name, {})
     separator = separator if separator is not None else spec.get('separator')
     tokenizer = tokenizer or spec.get('tokenizer', 'gpt2')
@@ -245,7 +242,7 @@ def prepare(name, input=None, val_input=None, tokenizer=None, vocab_size=4096, s
             records = lambda: read_conversations(files,
                                                  val_input and find_files(val_input, CHAT_FILES))
         return write_dataset(out_dir, lambda tmp: encode_conversations(
-            name, records, tokenizer, vocab_size, val_fraction, tmp))
+            name, records, tokenizer, vocab_size, val_fraction, chat_template, tmp, DATA_DIR))
     # a tokenizer.json, or a model folder holding one (e.g. Qwen2's)
     if tokenizer not in ('char', 'gpt2', 'bpe'):
         tokenizer = (os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer)
@@ -416,61 +413,6 @@ def encode_and_write(name, tasks, tokenizer, vocab_size, n_docs, k, workers, sep
     return meta
 
 
-# -----------------------------------------------------------------------------
-# conversations: records of known shapes (conversations.py) through the chat template
-
-def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tmp):
-    """The chat template over every conversation: ids, masks and starts of both splits (as .tmp
-    files), and meta.json's dict. Every k-th conversation validates. Conversations are stored whole:
-    train.py cuts one that outgrows a row."""
-    out_dir = os.path.dirname(tmp['meta.json'])
-    convs, skipped = [], 0
-    for where, split, record in records():
-        try:
-            convs.append([split, conversation_messages(record)])
-        except ValueError as e:
-            if where is None:  # the hub's datasets hold a few empty outputs: skipped, and said
-                skipped += 1
-                continue
-            raise DataError(f"{where}: {e}") from None
-    k, auto = max(2, round(1 / val_fraction)), [c for c in convs if c[0] == 'auto']
-    # without --val_input: at least the last one validates
-    k = k if len(auto) < len(convs) else min(k, len(auto))
-    for i, c in enumerate(auto):
-        c[0] = 'val' if (i + 1) % k == 0 else 'train'
-    if not any(s == 'train' for s, _ in convs):
-        raise DataError(f"the input has {len(convs)} conversation(s); at least 2 are needed "
-                        f"(one trains, one validates)")
-    texts = lambda: (m['content'] for s, msgs in convs if s == 'train' for m in msgs)
-
-    chars = lambda: set().union(*(m['content'] for _, msgs in convs for m in msgs))
-    tok, spec, eot, template = chat_tokenizer(tokenizer, texts, chars, vocab_size, DATA_DIR,
-                                              tmp['tokenizer.json'])
-
-    dtype = 'uint16' if tok.n_vocab <= 2 ** 16 else 'uint32'
-    meta, lens = dict(vocab_size=tok.n_vocab, dtype=dtype), []
-    for split in ('train', 'val'):
-        pairs = [tok.encode_conversation(msgs) for s, msgs in convs if s == split]
-        n = np.array([len(ids) for ids, _ in pairs], dtype=np.uint64)
-        np.array([i for ids, _ in pairs for i in ids], dtype=dtype).tofile(tmp[f'{split}.bin'])
-        np.array([m for _, mask in pairs for m in mask], dtype=np.uint8).tofile(
-            tmp[f'{split}_mask.bin'])
-        # where each conversation starts, in tokens
-        (np.cumsum(n) - n).tofile(tmp[f'{split}_starts.bin'])
-        meta.update({f'{split}_tokens': int(n.sum()), f'{split}_conversations': len(pairs)})
-        lens += n.tolist()
-    meta.update(tokenizer=spec, eot_id=eot, chat=template)
-    longer = ', '.join(f"{sum(n > b + 1 for n in lens):,} longer than {b}"
-                       for b in (256, 512, 1024))
-    print(f"{name}: {meta['train_conversations']:,} train and {meta['val_conversations']:,} val "
-          f"conversations{f' ({skipped:,} malformed records skipped)' if skipped else ''}, "
-          f"vocab {tok.n_vocab:,} (the chat template's ids "
-          f"{min(tok.special_ids)}..{max(tok.special_ids)}), {meta['train_tokens']:,} train and "
-          f"{meta['val_tokens']:,} val tokens in {out_dir}; the longest has {max(lens):,} tokens, "
-          f"{longer} (train.py cuts a conversation at block_size + 1 tokens)")
-    return meta
-
-
 def main():
     parser = argparse.ArgumentParser(
         description="Tokenize a corpus into data/<name>/ for train.py.",
@@ -498,6 +440,10 @@ def main():
                         help="bytes that are not UTF-8: stop (strict) or replace them with U+FFFD")
     parser.add_argument('--workers', type=int, default=0,
                         help="encoding processes (default: one per core)")
+    parser.add_argument('--chat_template', choices=('ours', 'model'), default='ours',
+                        help="conversations: our template, its markers added after the "
+                             "tokenizer's ids (ours), or the one of --tokenizer's model folder "
+                             "(model)")
     args = parser.parse_args()
     try:
         prepare(**vars(args))

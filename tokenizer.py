@@ -12,21 +12,15 @@ A tokenizer is described by a small dict, meta.json's "tokenizer":
     {"type": "gpt2"}                                  GPT-2's BPE (the committed data/gpt2.tiktoken)
     {"type": "tokenizers", "file": "tokenizer.json"}  a Hugging Face tokenizers file beside the data
 
-A chat dataset's meta.json adds "chat", its template (chat_template() below): four special tokens
-whose ids follow every id of the tokenizer, so a base model's ids keep their meaning:
+A chat dataset's meta.json adds "chat", its template (conversations.py): our markers, whose ids
+follow every id of the tokenizer, or a model's own Jinja template; the Tokenizer knows their ids
+(special, special_ids, stop_ids) and conversations.py lays conversations out with them.
 
-    <|system|> You are terse.<|end|><|user|> Hi<|end|><|assistant|> Hello.<|end|><|user|> ...
-
-encode_conversation(messages) gives a conversation's ids and its loss mask (1: a target the model
-learns, the assistant's content and its <|end|>); render_prompt(history) the ids a reply continues.
-Text that spells a marker ('<|user|>') encodes as ordinary text: only the template puts the special
-ids in.
-
-prepare.py writes datasets with them, making new tokenizers (train_bpe, tokenizers_file,
-chat_tokenizer) here and reading conversation files with conversations.py; train.py, sample.py,
-chat.py, eval.py, export_hf.py and checkpoint.py read them. token_bytes() says how many UTF-8 bytes
-of text each id stands for, which bits per byte divides by. Nothing here downloads (downloads.py
-does), and reading a dataset never runs code (JSON; nanoGPT's meta.pkl as plain data).
+prepare.py writes datasets with them, making new tokenizers (train_bpe, tokenizers_file) here;
+train.py, sample.py, chat.py, eval.py, export_hf.py and checkpoint.py read them. token_bytes()
+says how many UTF-8 bytes of text each id stands for, which bits per byte divides by. Nothing here
+downloads (downloads.py does), and reading a dataset never runs code (JSON; nanoGPT's meta.pkl as
+plain data).
 """
 
 import base64
@@ -36,7 +30,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 
 import numpy as np
 
@@ -53,15 +46,6 @@ GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++
 GPT2_EOT = 50256  # <|endoftext|>
 # end-of-text tokens of common tokenizers
 EOT_NAMES = ('<|endoftext|>', '</s>', '<|end_of_text|>', '<eos>')
-
-
-# the chat template: a start marker per role, an end-of-turn marker; ids after the tokenizer's
-CHAT_ROLES = ('system', 'user', 'assistant')
-CHAT_TOKENS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>')
-CHAT_LAYOUT = ("each message is <|ROLE|> + its content's ids + <|end|>; a conversation is its "
-               "messages in order (an optional system message, then user and assistant "
-               "alternating); a reply follows <|assistant|>; targets (mask 1): each assistant "
-               "content and its <|end|>")
 
 
 class DataError(ValueError):
@@ -160,21 +144,24 @@ class Tokenizer:
             self.n_vocab = self.tok.get_vocab_size()
             self.special_ids |= {i for i, t in self.tok.get_added_tokens_decoder().items()
                                  if t.special}
-            # with a chat template, the file's own special tokens (<|endoftext|>) typed in a message
-            # are text too
-            self.tok.encode_special_tokens = chat is not None
+            # with our chat template, the file's own special tokens (<|endoftext|>) typed in a
+            # message are text too; a model's own template is text that holds them
+            self.tok.encode_special_tokens = chat is not None and 'jinja' not in chat
             # a byte-level BPE spells each byte as one printable character: {character: byte}
             decoder = json.dumps(json.loads(self.tok.to_str()).get('decoder'))
             self.byte_level = ({c: b for b, c in byte_to_unicode().items()}
                                if '"ByteLevel"' in decoder else None)
         else:
             raise DataError(f"unknown tokenizer type '{kind}' in {data_dir}/meta.json")
-        # the chat template's markers, {name: id}, after every id of the tokenizer: ids that stand
-        # for no text too (special_ids), which decode shows by name
-        self.special = dict(chat['tokens']) if chat else {}
+        # our chat template's markers, {name: id}, after every id of the tokenizer: ids that stand
+        # for no text too (special_ids), which decode shows by name; or a model's own template
+        # (Jinja: conversations.py), which ends a reply at one of its stop ids
+        self.special = dict(chat['tokens']) if chat and 'tokens' in chat else {}
+        self.template = chat['jinja'] if chat and 'jinja' in chat else None
         self.special_ids |= set(self.special.values())
         self.special_names = {i: name for name, i in self.special.items()}
         self.n_vocab = max([self.n_vocab - 1, *self.special.values()]) + 1
+        self.stop_ids = set(chat['stop']) if self.template else self.special_ids
 
     def encode(self, text):
         kind = self.spec['type']
@@ -188,6 +175,11 @@ class Tokenizer:
         if kind == 'gpt2':
             # ordinary: '<|endoftext|>' in a text is plain text
             return self.enc.encode_ordinary(text)
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_special(self, text):
+        """Ids of text in which the tokenizer's special tokens are found by name (a rendered chat
+        template's, whose markers are such tokens), as transformers encodes it."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
@@ -237,23 +229,6 @@ class Tokenizer:
             return bytes([int(token[3:5], 16)])
         return token.replace('\u2581', ' ').encode('utf-8')
 
-    def encode_conversation(self, messages):
-        """(ids, mask) of a conversation, a list of {'role', 'content'} (chat_template's layout).
-        mask[i] is 1 where ids[i] is a target: an assistant's content and its <|end|>, so the model
-        learns when to stop; the markers that open a turn, and what the system and the user say, are
-        context only."""
-        ids, mask = [], []
-        for m in messages:
-            body = self.encode(m['content']) + [self.special['<|end|>']]
-            ids += [self.special[f"<|{m['role']}|>"]] + body
-            mask += [0] + [int(m['role'] == 'assistant')] * len(body)
-        return ids, mask
-
-    def render_prompt(self, history):
-        """The ids a reply continues: the conversation so far (ending with the user's
-        turn), then <|assistant|>."""
-        return self.encode_conversation(history)[0] + [self.special['<|assistant|>']]
-
     def array_encoder(self):
         """encode(text) -> array of uint32 ids: the fastest way of each tokenizer,
         for large corpora."""
@@ -263,14 +238,6 @@ class Tokenizer:
         table = np.zeros(max(map(ord, self.chars)) + 1, dtype=np.uint32)
         table[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
         return lambda text: table[np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)]
-
-
-def chat_template(n_ids, base_vocab_size):
-    """meta.json's "chat": the markers' ids, after the tokenizer's n_ids ids. base_vocab_size: the
-    ids the base model knows (a character vocabulary may have grown by characters it never saw:
-    their ids start there)."""
-    return dict(tokens={name: n_ids + i for i, name in enumerate(CHAT_TOKENS)},
-                base_vocab_size=base_vocab_size, layout=CHAT_LAYOUT)
 
 
 def gpt2_tokenizer():
@@ -414,53 +381,3 @@ def tokenizers_file(tokenizer, texts, vocab_size, path):
                        else tokenizer)
     tok.save(path)
     return tok
-
-
-def chat_tokenizer(tokenizer, texts, chars, vocab_size, data_dir, path):
-    """A chat dataset's tokenizer: --tokenizer's, whose ids keep their meaning (a base model's),
-    then the ids it lacks after them: the characters of chars() it has not (a character vocabulary
-    grows), then the chat template's markers. tokenizer: 'data/<dataset>' (exactly that prepared
-    dataset's, in data_dir; a chat dataset's as it is), 'char', 'gpt2', 'bpe' (trained on texts())
-    or a tokenizers file or folder; a tokenizers file is written to path (tokenizer.json.tmp, which
-    prepare.py renames). Returns (the Tokenizer, meta.json's "tokenizer" spec, the end-of-text id,
-    the template)."""
-    out_dir, template, eot = os.path.dirname(path), None, None
-    # exactly the tokenizer of a prepared dataset (a base model's)
-    if tokenizer.startswith('data/'):
-        base_dir = os.path.join(data_dir, tokenizer[len('data/'):])
-        try:
-            base = load_meta(base_dir)
-        except DataError as e:
-            raise DataError(f"--tokenizer={tokenizer}: {e}") from None
-        # a chat dataset's: as it is
-        spec, eot, template = base['tokenizer'], base.get('eot_id'), base.get('chat')
-        base_vocab = template['base_vocab_size'] if template else base['vocab_size']
-        if spec['type'] == 'tokenizers':
-            shutil.copy(os.path.join(base_dir, spec['file']), path)
-            spec = dict(spec, file='tokenizer.json')
-    elif tokenizer == 'char':
-        spec, base_vocab = dict(type='char', chars=[]), None
-    elif tokenizer == 'gpt2':
-        spec, eot, base_vocab = dict(type='gpt2'), GPT2_EOT, gpt2_encoding().n_vocab
-    else:
-        tok = tokenizers_file(tokenizer, texts, vocab_size, path)
-        spec, eot, base_vocab = (dict(type='tokenizers', file='tokenizer.json'), eot_of(tok),
-                                 tok.get_vocab_size())
-    if spec['type'] == 'char':  # characters the base never saw: appended, in sorted order
-        new = sorted(chars() - set(spec['chars']))
-    # its markers follow its characters: no room
-    if spec['type'] == 'char' and template is not None and new:
-        raise DataError(f"the conversations have {len(new)} characters {tokenizer}'s vocabulary "
-                        f"lacks ({''.join(new[:20])!r}), and a chat dataset's cannot grow (its "
-                        f"markers follow its characters): use the dataset its base model learned, "
-                        f"--tokenizer=data/<that dataset>")
-    if spec['type'] == 'char' and template is None:
-        base_vocab = len(spec['chars']) if base_vocab is None else base_vocab
-        if new and spec['chars']:
-            print(f"{len(new)} characters the base vocabulary of {base_vocab} lacks get ids "
-                  f"{base_vocab}..: {''.join(new)!r}")
-        spec = dict(spec, chars=spec['chars'] + new)
-        base_vocab = base_vocab or len(spec['chars'])  # no base: its characters are the base
-    work_spec = dict(spec, file=os.path.basename(path)) if spec['type'] == 'tokenizers' else spec
-    template = template or chat_template(Tokenizer(work_spec, out_dir).n_vocab, base_vocab)
-    return Tokenizer(work_spec, out_dir, eot, template), spec, eot, template

@@ -25,16 +25,17 @@ import torch.distributed as dist
 
 import configurator
 from batches import Batches, eval_stream, step_seed, train_stream
-from checkpoint import (fingerprint, fit_vocab, hold_out_dir, load_model, resume_checkpoint,
-                        resume_optimizer, save_run)
+from checkpoint import (fit_vocab, hold_out_dir, load_model, resume_checkpoint, resume_optimizer,
+                        save_run)
 from devices import StopSignals, compile_checked, peak_flops, resolve
-from lora import add_lora, train_new_rows
+from dpo import Preferences
+from lora import adapt
 from memory import exit_on_oom, memory_report
 from model import GPT, GPTConfig
 from muon import make_optimizer
 from plot import RunLog
 from scoring import HellaSwag, score_sums
-from tokenizer import load_dataset
+from tokenizer import load_dataset, need
 
 # -----------------------------------------------------------------------------
 # settings
@@ -99,6 +100,7 @@ lora_rank = 0  # LoRA adapters of this rank on each block's matrices; 0: off (al
 lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = 'c_attn,c_proj,c_fc'  # the Linear layers of each block that get adapters
+dpo_beta = 0.0  # > 0: DPO on a dataset of preference pairs (dpo.py): how far from the reference
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals())  # config files and --key=value flags
 
@@ -111,14 +113,11 @@ master = rank == 0  # the one process that logs and writes checkpoints
 sharded = ddp and fsdp  # FSDP2: each process holds a shard of weights, gradients, optimizer state
 fail = configurator.fail if master else lambda msg: configurator.fail(f"(rank {rank}) {msg}")
 log = print if master else lambda *args, **kwargs: None
-for name in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'block_size',
-             'gradient_accumulation_steps'):
-    if config[name] < 1:
-        fail(f"{name} must be at least 1, not {config[name]}")
-for name in ('max_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'warmup_iters',
-             'seed', 'checkpoint_interval'):
-    if config[name] < 0:
-        fail(f"{name} must not be negative, not {config[name]}")
+configurator.check_ranges(config, positive=('eval_interval', 'log_interval', 'eval_iters',
+                                             'batch_size', 'block_size', 'gradient_accumulation_steps'),
+                          non_negative=('max_iters', 'learning_rate', 'min_lr', 'weight_decay',
+                                        'grad_clip', 'warmup_iters', 'seed', 'checkpoint_interval',
+                                        'lora_rank', 'dpo_beta'))
 if gradient_accumulation_steps % world:  # the micro-batches of a step are shared out evenly
     below = gradient_accumulation_steps // world * world
     fail(f"gradient_accumulation_steps {gradient_accumulation_steps} is not divisible by the "
@@ -162,10 +161,14 @@ try:  # meta.json whole, each .bin as long as it says, and the tokenizer the dat
              f"'{meta['tokenizer']['type']}' (eval.py --task=hellaswag scores any model)")
     hellaswag = HellaSwag(tok, eval_hellaswag) if eval_hellaswag else None  # read now, not later
     sample_ids = tok.encode(eval_sample) if eval_sample else []
+    wandb = need('wandb', 'wandb') if wandb_log and master else None  # (a missing library: now)
 except ValueError as e:
     fail(e)
 token_bytes = torch.tensor(tok.token_bytes(), device=device)  # UTF-8 bytes per id: bits per byte
-chat = 'chat' in meta  # conversations: only the assistant's tokens are targets
+if bool(dpo_beta) != ('train_pairs' in meta):  # preference pairs train with DPO, and only they
+    fail(f"data/{dataset} is {'a' if 'train_pairs' in meta else 'no'} dataset of preference pairs, "
+         f"and dpo_beta = {dpo_beta}: DPO (dpo_beta > 0, 0.1 say) trains on pairs prepared with a "
+         f"chat template, from records with 'chosen' and 'rejected' (prepare.py, docs/chat.md)")
 batches = Batches(dataset, meta)  # the files opened once, now that they were found whole
 
 
@@ -189,12 +192,9 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   rmsnorm=rmsnorm, swiglu=swiglu, n_kv_head=n_kv_head, qk_norm=qk_norm)
 # out of memory from here on: one line saying where, the estimate and the fix (memory.py)
 oom_args = (batch_size, dtype, gradient_accumulation_steps, world, device)
-try:
-    sys.excepthook = exit_on_oom(GPTConfig(**model_args), *oom_args)
-except ValueError as e:  # a shape GPTConfig refuses
-    fail(e)
 iter_num, best_val_loss, checkpoint, lora = 0, float('inf'), None, None  # steps, best val loss
 try:
+    sys.excepthook = exit_on_oom(GPTConfig(**model_args), *oom_args)  # (a ValueError: bad shapes)
     if init_from == 'scratch':
         log(f"a new model from scratch, vocab_size {vocab_size}")
         model = GPT(GPTConfig(**model_args))
@@ -212,12 +212,8 @@ try:
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)  # GPT-2 has 1024 positions; fewer train faster
         known = fit_vocab(model, base_tok, tok, meta, vocab_size, log)  # rows for new ids
-        if lora_rank:  # LoRA: the weights frozen, adapters and the rows of new ids learn (lora.py)
-            lora = dict(base=init_from, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                        targets=lora_targets.split(','), known=known, fingerprint=fingerprint(model))
-            add_lora(model, lora_rank, lora_alpha, lora_dropout, lora['targets'])
-            if known < model.config.vocab_size:
-                train_new_rows(model, known)
+        if lora_rank:  # LoRA: the weights frozen, adapters and new ids' rows learn (lora.py)
+            lora = adapt(model, init_from, lora_rank, lora_alpha, lora_dropout, lora_targets, known)
 except (ValueError, ImportError) as e:
     fail(e)
 if not sharded:  # FSDP moves each block to the GPU as it shards it
@@ -234,11 +230,6 @@ for split in ('train', 'val'):  # a window needs block_size + 1 tokens: the inpu
     if meta[f'{split}_tokens'] < block_size + 1:
         fail(f"the {split} split of '{dataset}' has {meta[f'{split}_tokens']:,} tokens, fewer than "
              f"block_size + 1 = {block_size + 1}: lower --block_size or give the split more text")
-if chat:
-    n = [b - a for a, b in zip(batches.starts['train'], [*batches.starts['train'][1:],
-                                                          meta['train_tokens']])]
-    log(f"{len(n):,} train conversations, {sum(k > block_size + 1 for k in n):,} of them longer "
-        f"than block_size + 1 = {block_size + 1} tokens: cut at the end of their row")
 
 raw_model = model  # the plain module: its state_dict names have no '_orig_mod.' or 'module.'
 if sharded:  # FSDP2: each block's weights split over the processes, gathered just before it runs
@@ -272,6 +263,12 @@ else:
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 if checkpoint is not None:  # Adam's moments (and Muon's), float16's loss scale
     resume_optimizer(checkpoint, config, raw_model, optimizer, scaler, sharded, log)
+prefs = Preferences(batches, dpo_beta, batch_size, block_size) if dpo_beta else None
+try:  # DPO's reference: the model this run started from, as it was then (dpo.py)
+    if prefs:
+        prefs.reference(raw_model, ctx, device, checkpoint, log)
+except ValueError as e:
+    fail(e)
 checkpoint = None  # free the memory the loaded tensors hold
 
 
@@ -282,7 +279,8 @@ def save(names):
     Every process calls it: under FSDP they gather the weights together."""
     state = dict(model_args=model_args, scaler=scaler.state_dict(), iter_num=iter_num,
                  best_val_loss=best_val_loss, config=config, rng_state=torch.get_rng_state(),
-                 **(dict(lora=lora) if lora else {}))
+                 **(dict(lora=lora) if lora else {}),
+                 **(dict(dpo_reference=prefs.logps) if prefs else {}))
     seconds = save_run(raw_model, optimizer, state, names, out_dir, sharded, master, device, ddp)
     log(f"saved {', '.join(names)} at iteration {iter_num} ({seconds:.1f} s)" + (
         "; under torchrun a preempted run has 30 s to save: see docs/devices.md"
@@ -293,24 +291,30 @@ def save(names):
 def estimate_loss():
     """Mean loss over every target, and bits per byte, of each split on the same eval_iters batches
     in every run (batches.eval_stream), whatever the seed or the number of processes: each process
-    takes every world-th batch and the sums are added up."""
+    takes every world-th batch and the sums are added up. DPO: its loss, mean margin and pair
+    accuracy (dpo.py)."""
     out = {}
     model.eval()  # dropout off
     rounds = math.ceil(eval_iters / world)  # every process runs as many forwards (FSDP needs it)
     for split in ('train', 'val'):
-        sums = torch.zeros(4, device=device)  # loss, targets, the text's loss, its bytes
+        sums = torch.zeros(4, device=device)  # loss, targets, the text's loss, its bytes (DPO: 4)
         for k in range(rank, rounds * world, world):
-            X, Y = get_batch(split, eval_stream(split, min(k, eval_iters - 1)))
-            if k >= eval_iters:  # a repeat, to keep the processes in step: counted nowhere
-                Y = torch.full_like(Y, -1)
+            stream = eval_stream(split, min(k, eval_iters - 1))
+            X, Y = get_batch(split, stream)
             with ctx:
-                logits, _ = model(X, Y)
-            sums += score_sums(logits, Y, token_bytes)
+                logits, nll = model(X, Y, reduction='none')
+            if k < eval_iters:  # not a repeat, which keeps the processes in step
+                sums += prefs.sums(nll, split, stream) if prefs else score_sums(logits, Y, token_bytes)
         if ddp:
             dist.all_reduce(sums)
-        loss_sum, n_targets, text_loss, n_bytes = sums.tolist()
-        out[split] = loss_sum / max(n_targets, 1)
-        out[f'{split}_bpb'] = text_loss / (math.log(2) * n_bytes)  # nats -> bits, per UTF-8 byte
+        if prefs:
+            loss_sum, pairs, margin_sum, right = sums.tolist()
+            out[split], out[f'{split}_margin'], out[f'{split}_accuracy'] = \
+                loss_sum / pairs, margin_sum / pairs, right / pairs
+        else:
+            loss_sum, n_targets, text_loss, n_bytes = sums.tolist()
+            out[split] = loss_sum / max(n_targets, 1)
+            out[f'{split}_bpb'] = text_loss / (math.log(2) * n_bytes)  # nats to bits, per byte
     model.train()
     return out
 
@@ -332,11 +336,7 @@ def get_lr(it):
 # training loop
 peak, peak_name = peak_flops(device)
 log(f"MFU is measured against the {peak_name}" if peak else f"MFU not shown: {peak_name}")
-if wandb_log and master:
-    try:
-        import wandb
-    except ImportError:
-        fail("wandb_log=True needs wandb: pip install wandb")
+if wandb:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 run_log = RunLog(out_dir, resume_at=iter_num if init_from == 'resume' else 0, plot=plot) \
     if master else None  # out_dir/log.jsonl, which plot.py draws
@@ -355,14 +355,13 @@ while True:
                  f"checkpoints on disk are from before (lower learning_rate, or use bfloat16)")
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
-        scores = dict(train_bpb=losses['train_bpb'], val_bpb=losses['val_bpb'])
+        scores = {k: v for k, v in losses.items() if k not in ('train', 'val')}  # bpb, DPO's
         if hellaswag:  # raw_model: one compiled graph per item length would recompile
             _, scores['hellaswag_acc'], scores['hellaswag_acc_norm'] = hellaswag.score(
                 raw_model, device, ctx, rank, world)
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-            f"(best {best_val_loss:.4f}), train bpb {losses['train_bpb']:.4f}, val bpb "
-            f"{losses['val_bpb']:.4f}" + (f", hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f}"
-                                          if hellaswag else ''))
+            f"(best {best_val_loss:.4f})" + ''.join(f", {k.replace('_', ' ', 1)} {v:.4f}"
+                                                    for k, v in scores.items() if k != 'hellaswag_acc'))
         # the plot and the sample are for a person watching: not more often than watch_interval
         watch = (eval_only or iter_num >= max_iters
                  or time.perf_counter() - watched_at >= watch_interval)
@@ -371,16 +370,14 @@ while True:
             run_log.record(iter=iter_num, tokens=iter_num * tokens_per_iter,
                            train_loss=losses['train'], val_loss=losses['val'], **scores, plot=watch)
         if sample_ids and watch:  # its own generator: the run's random state is left as it was
-            raw_model.eval()
+            generator = torch.Generator(device=device).manual_seed(seed)  # the same draw each time
             with torch.no_grad(), ctx:
-                x = torch.tensor([sample_ids], device=device)  # (1, T)
-                y = raw_model.generate(x, eval_sample_tokens, temperature=eval_sample_temperature,
-                                       top_k=200,
-                                       vocab_size=meta['vocab_size'],
-                                       generator=torch.Generator(device=device).manual_seed(seed))
+                y = raw_model.eval().generate(torch.tensor([sample_ids], device=device),
+                                              eval_sample_tokens, eval_sample_temperature, top_k=200,
+                                              vocab_size=meta['vocab_size'], generator=generator)
             raw_model.train()
             log(f"sample: {tok.decode(y[0].tolist())!r}")
-        if wandb_log and master:
+        if wandb:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'],
                        'lr': lr, **{k.replace('_', '/', 1): v for k, v in scores.items()}})
         if iter_num > 0 and not eval_only:  # last.pt at every save, so that it is the latest
@@ -393,9 +390,11 @@ while True:
     # here, this process's being the global micro-steps rank * micro_steps ... (batches.py)
     steps = [rank * micro_steps + m for m in range(micro_steps)]
     micro_batches = [get_batch('train', train_stream(seed, iter_num, m)) for m in steps]
-    # the step's loss is the mean over all its targets (chat data masks some): count them first
+    # the step's loss is the mean over all its targets (chat data masks some; DPO: over its pairs)
     n_targets = sum((Y >= 0).sum() for _, Y in micro_batches).float()
-    if ddp:
+    if prefs:
+        n_targets = torch.tensor(float(gradient_accumulation_steps * batch_size), device=device)
+    elif ddp:
         dist.all_reduce(n_targets)
     loss_sum = torch.zeros((), device=device)
     for m, (X, Y) in zip(steps, micro_batches):
@@ -407,7 +406,11 @@ while True:
         elif ddp:
             model.require_backward_grad_sync = last
         with ctx:
-            _, loss = model(X, Y, reduction='sum')  # summed: a batch without targets adds 0
+            if prefs:  # DPO: the pairs' replies, against the reference's (dpo.py)
+                _, nll = model(X, Y, reduction='none')
+                loss = prefs.sums(nll, 'train', train_stream(seed, iter_num, m))[0]
+            else:
+                _, loss = model(X, Y, reduction='sum')  # summed: a batch without targets adds 0
             loss = loss * world / n_targets.clamp(min=1)  # * world: DDP and FSDP average processes
         scaler.scale(loss).backward()  # gradients add up over micro-steps (and processes, at last)
         loss_sum += loss.detach()

@@ -16,32 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conversations import encode_conversation, render_prompt  # noqa: E402
 from test_resume import assert_same_weights, torchrun, weights
 from test_scripts import ROOT, TINY, assert_one_line_error, copy_scripts, logged, run
 
 sys.path.insert(0, ROOT)
-from tokenizer import Tokenizer, chat_template, gpt2_tokenizer, load_meta, load_tokenizer  # noqa: E402
-
-LETTERS = 'abcdefghij'
-# train.py on a chat dataset: the TINY model, 32 positions (the skill's conversations have up to 34 tokens)
-CHAT = [*TINY[1:], '--block_size=32', '--compile=False', '--plot=False']
-
-
-def skill(n, seed, held_out=False):
-    """Conversations of a rule: the user says a word of 3 letters, the assistant says it in capitals; 'again'
-    asks for the last answer once more (so it needs an earlier turn). 100 words are held out of training."""
-    words = [a + b + c for a in LETTERS for b in LETTERS for c in LETTERS]
-    random.Random(0).shuffle(words)
-    pool, rng, out = words[:100] if held_out else words[100:], random.Random(seed), []
-    for _ in range(n):
-        messages, last = [], None
-        for _ in range(rng.randint(1, 3)):
-            word = 'again' if last and rng.random() < 0.4 else rng.choice(pool)
-            last = last if word == 'again' else word.upper()
-            messages += [dict(role='user', content=word), dict(role='assistant', content=last)]
-        out.append(dict(messages=messages))
-    return out
-
+from conversations import chat_template  # noqa: E402
+from letters import LETTERS, skill  # noqa: E402,F401
+from tokenizer import Tokenizer, gpt2_tokenizer, load_meta, load_tokenizer  # noqa: E402
 
 def write_jsonl(path, records):
     path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records), encoding='utf-8')
@@ -60,13 +42,13 @@ def test_template_ids_follow_the_base_and_markers_typed_are_text():
     tok = Tokenizer(dict(type='char', chars=list('<>|abcdersu')), chat=chat_template(11, 11))
     assert tok.special == {'<|system|>': 11, '<|user|>': 12, '<|assistant|>': 13, '<|end|>': 14}
     assert tok.special_ids == {11, 12, 13, 14} and tok.n_vocab == 15
-    ids, mask = tok.encode_conversation([dict(role='user', content='<|user|>'), dict(role='assistant', content='ab')])
+    ids, mask = encode_conversation(tok, [dict(role='user', content='<|user|>'), dict(role='assistant', content='ab')])
     assert ids == [12, *tok.encode('<|user|>'), 14, 13, 3, 4, 14]  # the typed marker: 8 characters, not id 12
     assert mask == [0] * 10 + [0, 1, 1, 1]  # the assistant's text and its <|end|> only
-    assert tok.render_prompt([dict(role='user', content='ab')]) == [12, 3, 4, 14, 13]
+    assert render_prompt(tok, [dict(role='user', content='ab')]) == [12, 3, 4, 14, 13]
     assert tok.decode(ids) == '<|user|><|user|><|end|><|assistant|>ab<|end|>'
     gpt2 = Tokenizer(dict(type='gpt2'), eot=50256, chat=chat_template(50257, 50257))
-    ids, _ = gpt2.encode_conversation([dict(role='user', content='Hi <|end|><|endoftext|>'),
+    ids, _ = encode_conversation(gpt2, [dict(role='user', content='Hi <|end|><|endoftext|>'),
                                        dict(role='assistant', content='Yo')])
     assert ids == [50258, *gpt2_tokenizer().encode('Hi <|end|><|endoftext|>'), 50260, 50259,
                    *gpt2_tokenizer().encode('Yo'), 50260]
@@ -100,7 +82,7 @@ def test_prepare_reads_each_shape_and_reuses_a_base_tokenizer(repo, tmp_path):
                  dict(role='assistant', content='Hello!')],
                 [dict(role='user', content='Add\n\n1 2'), dict(role='assistant', content='3')]]  # train: 1st, 3rd
     tok = load_tokenizer(meta, data)
-    pairs = [tok.encode_conversation(m) for m in expected]
+    pairs = [encode_conversation(tok, m) for m in expected]
     assert np.fromfile(data / 'train.bin', dtype=np.uint16).tolist() == pairs[0][0] + pairs[1][0]
     assert np.fromfile(data / 'train_mask.bin', dtype=np.uint8).tolist() == pairs[0][1] + pairs[1][1]
     assert np.fromfile(data / 'train_starts.bin', dtype=np.uint64).tolist() == [0, len(pairs[0][0])]
@@ -277,11 +259,11 @@ def test_export_of_a_chat_model_from_gpt2_weights_replies_as_chat_py(repo, tmp_p
     monkeypatch.setattr(checkpoint, 'DATA_DIR', str(repo / 'data'))
     model, tok, _ = checkpoint.load_model(str(repo / 'out-gpt2-sft'), 'cpu')
     messages = [dict(role='user', content='abc')]
-    ours = model.generate(torch.tensor([tok.render_prompt(messages)]), 12, temperature=0, vocab_size=tok.n_vocab)
+    ours = model.generate(torch.tensor([render_prompt(tok, messages)]), 12, temperature=0, vocab_size=tok.n_vocab)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf')
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'hf')
     prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert list(prompt) == tok.render_prompt(messages)
+    assert list(prompt) == render_prompt(tok, messages)
     theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
     reply = []
     for i in ours[0, len(prompt):].tolist():
@@ -310,6 +292,6 @@ def test_alpaca_from_the_hub(tmp_path, monkeypatch):
     meta = prepare.prepare('alpaca', workers=1)
     assert (meta['train_conversations'], meta['val_conversations']) == (48, 1)  # 49 of 50: the 49th validates
     tok = load_tokenizer(meta, tmp_path / 'data' / 'alpaca')
-    first = tok.encode_conversation([dict(role='user', content='Count to 0.\n\n快'), dict(role='assistant', content='0')])
+    first = encode_conversation(tok, [dict(role='user', content='Count to 0.\n\n快'), dict(role='assistant', content='0')])
     train = np.fromfile(tmp_path / 'data' / 'alpaca' / 'train.bin', dtype=np.uint16).tolist()
     assert train[:len(first[0])] == first[0] and meta['chat']['tokens']['<|user|>'] == 50258

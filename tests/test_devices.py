@@ -79,57 +79,6 @@ def test_peak_flops_by_name(name, tflops):
     assert D.peak_flops_of('NVIDIA GeForce GTX 1080') is None
 
 
-FREED_MEMORY_FAULTS = r'''
-import resource, sys, torch
-from devices import keep_freed_memory
-from model import GPT, GPTConfig
-took = keep_freed_memory() if sys.argv[1] == 'keep' else None  # as the scripts do, before any tensor
-torch.manual_seed(0)
-model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=65, flash=False))
-optimizer = torch.optim.AdamW(model.parameters())
-x = torch.randint(0, 65, (12, 64))
-def faults(steps=20):  # page faults per training step, at nanoGPT's CPU shape (2 of its 4 layers), as train.py steps
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(steps):
-        with torch.autocast('cpu', torch.bfloat16):
-            loss = model(x, x)[1]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
-faults(5), faults(5)  # the first steps' own allocations (the heap grows to a step's peak), not counted
-print(took, faults())
-'''
-
-
-def glibc():
-    try:
-        return bool(os.confstr('CS_GNU_LIBC_VERSION'))
-    except (AttributeError, ValueError):
-        return False
-
-
-@pytest.mark.skipif(not glibc(), reason="mallopt's settings are glibc's (Linux), and this C library is another")
-def test_freed_memory_is_reused_without_page_faults():
-    # a process of its own: mallopt changes the whole process, and the default is what it is compared with
-    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'GLIBC_TUNABLES'}
-    out = {way: subprocess.run([sys.executable, '-c', FREED_MEMORY_FAULTS, way], cwd=ROOT, env=env,
-                               capture_output=True, text=True, check=True).stdout.split() for way in ('default', 'keep')}
-    assert out['keep'][0] == 'True'
-    # glibc's default hands freed blocks back and faults them in again: 180-1830 a step in 36 runs; kept, 0-20
-    # (what is left is Python's own arenas, which mallopt does not govern)
-    assert float(out['default'][1]) > 100 and float(out['keep'][1]) < 50, out
-
-
-@pytest.mark.parametrize('name, value', [('MALLOC_MMAP_THRESHOLD_', '131072'),
-                                         ('GLIBC_TUNABLES', 'glibc.malloc.trim_threshold=131072')])
-def test_freed_memory_leaves_glibcs_own_setting(monkeypatch, name, value):
-    monkeypatch.setenv(name, value)
-    calls = []
-    monkeypatch.setattr(D.ctypes, 'CDLL', lambda *args: type('libc', (), {'mallopt': lambda *a: calls.append(a)}))
-    assert D.keep_freed_memory() is False and calls == []  # no mallopt: this process is unchanged
-
-
 # -----------------------------------------------------------------------------
 # compile that fails: one line, then the run goes on uncompiled
 

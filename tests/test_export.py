@@ -18,6 +18,7 @@ transformers = pytest.importorskip('transformers')
 tk = pytest.importorskip('tokenizers')
 llama_cpp = pytest.importorskip('llama_cpp')
 
+from conversations import encode_conversation, render_prompt  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from test_gguf import QWEN2_PATTERN, load  # noqa: E402
 from test_hf import liven_checkpoint  # noqa: E402
@@ -122,7 +123,7 @@ def test_each_tokenizer_encodes_as_ours_in_transformers(datasets, exported, kind
     if kind == 'char':  # a character model knows its own characters only
         history[-1]['content'] = 'romeo'
     prompt = hf_chat.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert list(prompt) == chat_tok.render_prompt(history)
+    assert list(prompt) == render_prompt(chat_tok, history)
 
 
 # each layout with our trained BPE, each byte-level tokenizer with GPT-2's layout and Qwen3's (every

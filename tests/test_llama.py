@@ -135,3 +135,60 @@ def test_refused_folders_get_one_line(repo, tmp_path):
     p = subprocess.run([sys.executable, 'chat.py', f'--init_from={path}', '--device=cpu'], cwd=repo,
                        input='hello\n', capture_output=True, text=True, timeout=120)
     assert_one_line_error(p, 'chat template', 'unsafe')
+
+
+def test_chat_py_speaks_in_the_models_own_template(repo, folder):
+    """chat.py on an instruct model's folder feeds the ids of its template (apply_chat_template with
+    add_generation_prompt=True), and its greedy reply is transformers' generate up to the eos."""
+    from conversations import render_prompt
+    from hf_models import hf_tokenizer_of
+    path, hf = folder
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    history = [dict(role='user', content='But soft, 你好 🙂')]
+    prompt = hf_tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert render_prompt(hf_tokenizer_of(str(path)), history) == list(prompt)
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    eos = hf_tok.convert_tokens_to_ids('<|im_end|>')
+    reply = out[:out.index(eos)] if eos in out else out
+    p = subprocess.run([sys.executable, 'chat.py', f'--init_from={path}', '--temperature=0', '--device=cpu',
+                        '--dtype=float32', '--max_new_tokens=10'], cwd=repo, input=history[0]['content'] + '\n',
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == hf_tok.decode(reply).replace('\r\n', '\n').replace('\r', '\n') + '\n'
+
+
+CHATS = [{'messages': [{'role': 'user', 'content': w}, {'role': 'assistant', 'content': w.upper()}]}
+         for w in 'abc hello world romeo juliet tybalt nurse friar mercutio benvolio'.split() * 4]
+TUNE = ['--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2',
+        '--device=cpu', '--dtype=float32', '--plot=False', '--learning_rate=1e-3', '--eval_interval=2']
+
+
+@pytest.mark.parametrize('template', ['ours', 'model'])
+def test_finetune_a_folder_on_conversations(repo, folder, template, tmp_path):
+    """train.py --init_from=FOLDER on conversations prepared with its tokenizer (our template: its
+    markers added as special tokens; or the model's own) trains, resumes bit-identically, and
+    export_hf.py writes a folder transformers loads with our logits."""
+    from checkpoint import load_checkpoint
+    from test_resume import assert_same_weights, weights
+    path, _ = folder
+    (tmp_path / 'c.jsonl').write_text(''.join(json.dumps(c) + '\n' for c in CHATS))
+    name = f'chat_{path.name}_{template}'
+    run(repo, 'prepare.py', name, f'--input={tmp_path / "c.jsonl"}', f'--tokenizer={path}',
+        f'--chat_template={template}')
+    args = [*TUNE, f'--dataset={name}', f'--init_from={path}']
+    run(repo, 'train.py', *args, '--max_iters=4', f'--out_dir=out-{name}-4')
+    run(repo, 'train.py', *args, '--max_iters=2', f'--out_dir=out-{name}-2')
+    run(repo, 'train.py', *args, '--max_iters=4', '--init_from=resume', f'--out_dir=out-{name}-2')
+    assert_same_weights(weights(repo, f'out-{name}-4'), weights(repo, f'out-{name}-2'))
+    run(repo, 'export_hf.py', f'--out_dir=out-{name}-4', f'--hf_dir={tmp_path / "hf"}')
+    ours, _ = load_checkpoint(str(repo / f'out-{name}-4' / 'ckpt.pt'), 'cpu')
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
+    idx = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours.eval()(idx, idx)[0][..., :hf.config.vocab_size],
+                                   atol=TOL, rtol=0)
+    p = subprocess.run([sys.executable, 'chat.py', f'--out_dir=out-{name}-4', '--temperature=0', '--device=cpu',
+                        '--max_new_tokens=4'], cwd=repo, input='hello\n', capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
