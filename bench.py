@@ -1,5 +1,6 @@
 """
-Measures what this repository exists for, and prints the command that reproduces each number.
+Measures what this repository exists for, and prints the command that reproduces each number
+(docs/speed.md says how each mode measures, and what it measured):
 
     python bench.py --mode=prepare --mb=200    # prepare.py on a generated 200 MB corpus, GPT-2 BPE
     python bench.py --mode=train               # training steps/s at nanoGPT's CPU shape, many ways
@@ -7,45 +8,22 @@ Measures what this repository exists for, and prints the command that reproduces
     python bench.py --mode=sample              # generate() of the baby GPT, with/without KV cache
     python bench.py --mode=train --nanogpt=../nanoGPT   # whole train.py runs, ours and nanoGPT's
     python bench.py --mode=sample --nanogpt=../nanoGPT  # whole sample.py runs, ours and nanoGPT's
+    python bench.py --mode=lora                # full finetuning against LoRA: memory and ms a step
     python bench.py --mode=train --shape=tiny --rounds=1 --iters=2  # a quick check (test_tools.py)
 
-prepare: writes a TinyStories-format corpus (documents of tiny-Shakespeare lines separated by
-<|endoftext|> lines) of --mb megabytes to a temporary folder, runs prepare.py on it as a user
-would, and prints its end-to-end tokens/s (reading, encoding, writing) next to the machine's
-limit: the cores it used times the rate of tiktoken's encode_ordinary on one core, on the same
-text. Also the peak resident memory of prepare.py and its worker processes together.
-
-train: one model and optimizer per variant, all from the same weights, taking the steps train.py
-takes (forward, backward, gradient clipping, AdamW, zero_grad) on random tokens (vocab 65). After
-warm-up the variants run round-robin, --iters steps each per round, so the machine's drift hits all
-alike; the table gives median ms per step, tokens/s and the ratio to 'plain', the way nanoGPT trains
-on a CPU (float32, no autocast, no compile; but with this repository's model.py, so against
-nanoGPT's own process the gains are larger). A variant joins options with '+': bf16 (torch.autocast
-bfloat16), compile (torch.compile), fused (AdamW's fused kernel, which configure_optimizers picks on
-the CPU and CUDA), manual (flash=False: the written-out attention), 1thread
-(torch.set_num_threads(1) while it runs). train.py with config/train_shakespeare_char_cpu.py on a
-CPU with native bf16 runs bf16+manual+fused.
-
-sample: tokens/s of generate() (batch 1, temperature 0.8, top_k 200, as sample.py) in several
-ways, medians of --repeats interleaved runs: --new_tokens from a one-token prompt, and separately
-the block_size - 1 tokens that fit the context, where the cache acts (past block_size the window
-slides and every way runs a full forward per token: model.py). 'plain' is nanoGPT's way (float32,
-no cache); sample.py on a CPU with native bf16 samples the 'bf16+cache' way.
-
---nanogpt=PATH (a checkout of karpathy/nanoGPT): side by side with nanoGPT's own code, on a copy of
-it in a temporary folder with its shakespeare_char data prepared by its own prepare.py (from our
-input.txt): train runs its README's CPU command (NANOGPT_CPU below) with its train.py and with ours,
-alternating, --processes times each, and prints the medians of the logged ms per iteration
-(iterations/s) and of the whole process's wall time (--nanogpt_iters shortens the command, for a
-check); sample trains nanoGPT's baby GPT (config/train_shakespeare_char.py: 10.7M parameters, with
-AdamW's moments in the file) for one step with its train.py, then times its sample.py and ours on
-that checkpoint (1 sample of --new_tokens tokens; everything else each script's defaults),
-alternating.
+train: one model and optimizer per variant, from the same weights, taking train.py's steps on
+random tokens, round-robin after a warm-up (the machine's drift hits all alike); median ms per
+step and the ratio to 'plain', nanoGPT's way on a CPU (float32, no autocast, no compile). A
+variant joins options with '+': bf16 (autocast), compile, fused (AdamW's fused kernel), manual
+(flash=False), 1thread. sample: tokens/s of generate() as sample.py draws, in several ways.
+--nanogpt=PATH (a checkout of karpathy/nanoGPT): nanoGPT's README CPU command with its train.py
+and with ours, whole processes, alternating; or its sample.py and ours on one checkpoint.
+lora: a GPT-2-medium-shaped model (24 x 16 x 1024, random weights: no download), each way in a
+process of its own: the step's ms and the process's peak resident memory.
 """
 
 import os
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -57,12 +35,13 @@ from contextlib import nullcontext
 import torch
 
 import configurator
-from devices import pick_device
+from devices import cpu_has_bf16, pick_device
 from model import GPT, GPTConfig
+from side_by_side import cpu_seconds, others_load, sample_processes, train_processes
 from tokenizer import DATA_DIR, gpt2_encoding
 
 # -----------------------------------------------------------------------------
-mode = 'prepare'  # 'prepare' | 'train' | 'sample'
+mode = 'prepare'  # 'prepare' | 'train' | 'sample' | 'lora'
 seed = 1337  # seeds the generated corpus, the weights and the random tokens
 # prepare
 mb = 200.0  # size of the generated corpus, in megabytes
@@ -84,6 +63,8 @@ nanogpt = ''  # train, sample: a nanoGPT checkout: also time whole processes of 
 processes = 3  # with nanogpt: runs of each whole process, alternating
 speedrun = ''  # train, with nanogpt: also time our train.py on this config file (the CPU speedrun)
 nanogpt_iters = 2000  # train, with nanogpt: nanoGPT's max_iters = lr_decay_iters; 2000 as published
+lora_rank = 8  # lora: the adapters' rank
+lora_way = ''  # lora: '' compares both ways; 'full' or 'lora' is one process's (bench.py runs it)
 # -----------------------------------------------------------------------------
 configurator.configure(globals())
 
@@ -96,115 +77,6 @@ SHAPES = {
     # a check, in seconds
     'tiny': dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, dropout=0.0),
 }
-
-
-# nanoGPT's README command for a CPU (val loss ~1.88 in ~3 minutes), after its config file
-NANOGPT_CPU = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=False',
-               '--eval_iters=20', '--log_interval=1',
-               '--block_size=64', '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128',
-               f'--max_iters={nanogpt_iters}', f'--lr_decay_iters={nanogpt_iters}', '--dropout=0.0']
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def nanogpt_copy(tmp):
-    """A copy of --nanogpt in tmp with its shakespeare_char prepared by its own prepare.py,
-    and ours prepared."""
-    if not os.path.isfile(os.path.join(nanogpt, 'train.py')):
-        configurator.fail(f"--nanogpt={nanogpt} is not a nanoGPT checkout (no train.py): git clone "
-                          f"https://github.com/karpathy/nanoGPT and pass its path")
-    nano = os.path.join(tmp, 'nanoGPT')
-    shutil.copytree(nanogpt, nano, ignore=shutil.ignore_patterns('out*', '*.bin', '.git'))
-    shutil.copy(os.path.join(DATA_DIR, 'shakespeare_char', 'input.txt'),
-                os.path.join(nano, 'data', 'shakespeare_char'))
-    subprocess.run([sys.executable, 'data/shakespeare_char/prepare.py'], cwd=nano, check=True,
-                   capture_output=True)
-    if not os.path.isfile(os.path.join(DATA_DIR, 'shakespeare_char', 'meta.json')):
-        subprocess.run([sys.executable, 'prepare.py', 'shakespeare_char'], cwd=HERE, check=True,
-                       capture_output=True)
-    return nano
-
-
-def whole_processes(commands):
-    """{name: [(seconds, stdout), ...]}: each (cwd, args) of commands run --processes
-    times, alternating."""
-    runs = {name: [] for name in commands}
-    for k in range(processes):
-        for name, (cwd, args) in commands.items():
-            t0 = time.perf_counter()
-            p = subprocess.run([sys.executable, *[a.format(k=k) for a in args]], cwd=cwd,
-                               capture_output=True, text=True)
-            if p.returncode != 0:
-                sys.exit(f"{name} failed ({' '.join(args)}):\n{p.stderr[-2000:]}")
-            runs[name].append((time.perf_counter() - t0, p.stdout))
-    return runs
-
-
-def bench_train_processes():
-    """nanoGPT's CPU command, with its train.py and ours: iterations/s (logged ms)
-    and whole-process time."""
-    with tempfile.TemporaryDirectory(prefix='bench-nanogpt-') as tmp:
-        nano = nanogpt_copy(tmp)
-        load0 = cpu_seconds(), time.perf_counter()
-        commands = {
-            'nanoGPT': (nano, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-nano-{{k}}']),
-            'ours': (HERE, ['train.py', *NANOGPT_CPU, f'--out_dir={tmp}/out-ours-{{k}}'])}
-        if speedrun:  # its own recipe: only the whole-process time compares
-            commands['speedrun'] = (HERE, ['train.py', speedrun,
-                                           f'--out_dir={tmp}/out-speedrun-{{k}}'])
-        runs = whole_processes(commands)
-        load = others_load(*load0)
-    short = f" (shortened: max_iters {nanogpt_iters})" if nanogpt_iters != 2000 else ""
-    print(f"nanoGPT's CPU command{short}, whole train.py processes, {processes} of each, "
-          f"alternating; torch {torch.__version__}")
-    print(f"{'':<8} {'ms/iter':>8} {'iters/s':>8} {'process':>9} {'best val':>9}")
-    stats = {}
-    for name, rs in runs.items():
-        # each logs 'iter N: loss L, ... T ms' (nanoGPT: 'time T ms'); the median skips the
-        # evaluations' iterations
-        ms = [statistics.median(float(m)
-                                for m in re.findall(r"^iter \d+: .*?([0-9.]+) ?ms", out, re.M))
-              for _, out in rs]
-        vals = [min(float(v) for v in re.findall(r"val loss ([0-9.]+)", out)) for _, out in rs]
-        stats[name] = statistics.median(ms), statistics.median(t for t, _ in rs)
-        print(f"{name:<8} {stats[name][0]:8.2f} {1000 / stats[name][0]:8.2f} "
-              f"{stats[name][1]:8.1f}s {statistics.median(vals):9.4f}")
-    (a, ta), (b, tb) = stats['nanoGPT'], stats['ours']
-    print(f"ours vs nanoGPT: {a / b:.2f}x the iterations/s, {tb / ta:.2f}x the whole-process time; "
-          f"{load}")
-    if speedrun:
-        print(f"speedrun ({speedrun}) vs nanoGPT's command: {stats['speedrun'][1] / ta:.2f}x the "
-              f"whole-process time")
-    extra = f' --speedrun={speedrun}' if speedrun else ''
-    extra += f' --nanogpt_iters={nanogpt_iters}' if nanogpt_iters != 2000 else ''
-    print(f"reproduce: python bench.py --mode=train --variants={variants} --nanogpt={nanogpt} "
-          f"--processes={processes}{extra}")
-
-
-def bench_sample_processes():
-    """sample.py's whole process, nanoGPT's and ours, on a baby-GPT checkpoint written
-    by nanoGPT's train.py."""
-    with tempfile.TemporaryDirectory(prefix='bench-nanogpt-') as tmp:
-        nano = nanogpt_copy(tmp)
-        out = os.path.join(tmp, 'out-baby')
-        subprocess.run([sys.executable, 'train.py', 'config/train_shakespeare_char.py',
-                        '--device=cpu', '--compile=False', '--eval_iters=1', '--max_iters=1',
-                        '--eval_interval=1', '--batch_size=2', f'--out_dir={out}'],
-                       cwd=nano, check=True, capture_output=True)
-        size = os.path.getsize(os.path.join(out, 'ckpt.pt'))
-        args = ['sample.py', f'--out_dir={out}', '--device=cpu', '--num_samples=1',
-                f'--max_new_tokens={new_tokens}']
-        load0 = cpu_seconds(), time.perf_counter()
-        runs = whole_processes({'nanoGPT': (nano, args), 'ours': (HERE, args)})
-        load = others_load(*load0)
-    print(f"sample.py, whole processes, on nanoGPT's baby GPT checkpoint ({size / 2**20:.0f} MiB "
-          f"with AdamW's moments), 1 sample of {new_tokens} tokens, {processes} of each, "
-          f"alternating; torch {torch.__version__}")
-    t = {name: statistics.median(s for s, _ in rs) for name, rs in runs.items()}
-    for name, rs in runs.items():
-        print(f"{name:<8} {t[name]:6.2f} s  ({', '.join(f'{s:.2f}' for s, _ in rs)})")
-    print(f"ours vs nanoGPT: {t['ours'] / t['nanoGPT']:.2f}x the time; {load}")
-    print(f"reproduce: python bench.py --mode=sample --ways={ways} --nanogpt={nanogpt} "
-          f"--processes={processes}{f' --new_tokens={new_tokens}' if new_tokens != 500 else ''}")
 
 
 def tree_rss(pid):
@@ -278,34 +150,6 @@ def bench_prepare():
     print(f"  share of the limit ({cores} x one core): {tokens / dt / (cores * single):6.0%}")
     print(f"  peak resident memory, all processes: {peak / 2**20:,.0f} MiB")
     print(f"reproduce: python bench.py --mode=prepare --mb={mb:g} --workers={workers}")
-
-
-def cpu_seconds():
-    """(busy CPU seconds of the whole machine, of this process and its finished children) so far,
-    from /proc/stat (Linux; None elsewhere).
-    On 2 cores another busy process matters: torch's threads wait for each other at every op."""
-    try:
-        with open('/proc/stat') as f:
-            # user nice system idle iowait irq softirq steal
-            ticks = [int(t) for t in f.readline().split()[1:]]
-    except OSError:  # macOS, Windows
-        return None
-    t = os.times()
-    # this process's own, and its finished subprocesses' (--nanogpt's runs are the measurement,
-    # not others')
-    own = t.user + t.system + t.children_user + t.children_system
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf('SC_CLK_TCK'), own
-
-
-def others_load(start, t0):
-    """'other processes kept N% of the C cores busy meanwhile', since cpu_seconds() returned
-    start at t0."""
-    now = cpu_seconds()
-    if now is None or start is None:
-        return "the load of other processes is not measured here (no /proc/stat)"
-    (machine, own), (machine0, own0) = now, start
-    load = ((machine - machine0) - (own - own0)) / ((time.perf_counter() - t0) * os.cpu_count())
-    return f"other processes kept {load:.0%} of the {os.cpu_count()} cores busy meanwhile"
 
 
 def synchronize():
@@ -446,8 +290,56 @@ def bench_sample(s):
           f"--repeats={repeats} --ways={ways} --threads={threads} --device={device}")
 
 
+def lora_step():
+    """One process's way (lora_way): 1 + iters steps of batch 2 x 256 on a GPT-2-medium shape;
+    prints the median ms a step and the peak resident memory (VmHWM), in bytes."""
+    from lora import add_lora
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=256, vocab_size=50304))
+    if lora_way == 'lora':
+        add_lora(model, lora_rank, 2 * lora_rank)  # the base frozen: no gradients, no Adam state
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), 'cpu')
+    x, y = (torch.randint(0, 50304, (2, 256)) for _ in range(2))
+    ctx = torch.autocast('cpu', torch.bfloat16) if cpu_has_bf16() else nullcontext()
+    times = []
+    for _ in range(1 + iters):
+        t = time.perf_counter()
+        with ctx:
+            _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append((time.perf_counter() - t) * 1000)
+    with open('/proc/self/status') as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+    print(statistics.median(times[1:]), peak)
+
+
+def bench_lora():
+    """Full finetuning against LoRA, each way in fresh processes, --processes of each, alternating."""
+    runs = {way: [] for way in ('full', 'lora')}
+    for _ in range(processes):
+        for way in runs:
+            p = subprocess.run([sys.executable, __file__, '--mode=lora', f'--lora_way={way}',
+                                f'--iters={iters}', f'--lora_rank={lora_rank}', f'--seed={seed}'],
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                sys.exit(f"the {way} process failed:\n{p.stderr[-2000:]}")
+            runs[way].append(tuple(map(float, p.stdout.split()[-2:])))
+    (ms, peak), (lora_ms, lora_peak) = [[statistics.median(r[i] for r in rs) for i in (0, 1)]
+                                        for rs in runs.values()]
+    print(f"GPT-2 medium's shape (24 x 16 x 1024, random weights), batch 2 x 256, "
+          f"torch {torch.__version__}: full finetuning {ms:,.0f} ms a step, peak {peak / 1e9:.2f} GB; "
+          f"LoRA rank {lora_rank} {lora_ms:,.0f} ms, peak {lora_peak / 1e9:.2f} GB: "
+          f"{lora_peak / peak:.2f}x the memory, {lora_ms / ms:.2f}x the time")
+    print(f"reproduce: python bench.py --mode=lora --processes={processes} --iters={iters} "
+          f"--lora_rank={lora_rank}")
+
+
 if mode == 'prepare':
     bench_prepare()
+elif mode == 'lora':
+    lora_step() if lora_way else bench_lora()
 elif mode in ('train', 'sample'):
     try:
         device = pick_device(device)
@@ -462,6 +354,15 @@ elif mode in ('train', 'sample'):
     if variants if mode == 'train' else ways:
         (bench_train if mode == 'train' else bench_sample)(dict(SHAPES[name], name=name))
     if nanogpt:
-        (bench_train_processes if mode == 'train' else bench_sample_processes)()
+        common = f"--nanogpt={nanogpt} --processes={processes}"
+        if mode == 'train':
+            extra = f' --speedrun={speedrun}' if speedrun else ''
+            extra += f' --nanogpt_iters={nanogpt_iters}' if nanogpt_iters != 2000 else ''
+            train_processes(nanogpt, processes, speedrun, nanogpt_iters, f"python bench.py "
+                            f"--mode=train --variants={variants} {common}{extra}")
+        else:
+            extra = f' --new_tokens={new_tokens}' if new_tokens != 500 else ''
+            sample_processes(nanogpt, processes, new_tokens, f"python bench.py --mode=sample "
+                             f"--ways={ways} {common}{extra}")
 else:
-    configurator.fail(f"mode must be 'prepare', 'train' or 'sample', not '{mode}'")
+    configurator.fail(f"mode must be 'prepare', 'train', 'sample' or 'lora', not '{mode}'")

@@ -50,7 +50,9 @@ generator = torch.Generator(device=device).manual_seed(seed)
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], getattr(torch, dtype))
 try:
     source = out_dir if init_from == 'resume' else init_from
-    model, tok, checkpoint = load_model(source, device, ckpt_name)
+    # a Hugging Face folder's weights in bfloat16 where the matmuls run in it: half the memory
+    model, tok, checkpoint = load_model(source, device, ckpt_name,
+                                        dtype='bfloat16' if dtype == 'bfloat16' else 'float32')
 except (ValueError, ImportError) as e:
     fail(e)
 if tok.chat is None:
@@ -60,7 +62,8 @@ if tok.chat is None:
          f"--tokenizer=data/{dataset}, then python train.py --dataset=sft "
          f"--init_from=PATH/TO/ckpt.pt (docs/chat.md)")
 try:  # a model's own template, rendered once now: one that is unsafe or broken ends here
-    render_prompt(tok, [dict(role='user', content='hello')])
+    if tok.template:
+        render_prompt(tok, [dict(role='user', content='hello')])
 except ValueError as e:
     fail(f"{source}: {e}")
 block_size = model.config.block_size

@@ -375,16 +375,19 @@ def hold_out_dir(out_dir, master, device, ddp, log=print):
 # one call: a ready model and its tokenizer, from wherever it is
 
 
-def load_model(source, device='cpu', ckpt_name='ckpt.pt', block_size=0, **overrides):
+def load_model(source, device='cpu', ckpt_name='ckpt.pt', block_size=0, dtype='float32',
+               **overrides):
     """(model, tokenizer, checkpoint) from source, in eval mode on device:
     - a run's out_dir (train.py's or nanoGPT's): its ckpt_name, with its dataset's tokenizer;
     - a checkpoint file (path/to/last.pt), likewise;
     - 'gpt2' ... 'gpt2-xl' or a Hugging Face folder (GPT-2, Llama, Qwen3: hf_models.py) with its
       tokenizer.json (GPT-2's BPE for GPT-2's weights without one); checkpoint None.
-    block_size: 0 keeps the model's context, a smaller one crops it. overrides: dropout, flash.
-    A ValueError or DataError says in one line what is wrong; an ImportError names a pip install."""
+    block_size: 0 keeps the model's context, a smaller one crops it. dtype: a folder's weights in
+    'bfloat16' take half the memory of 'float32' (to sample; training keeps float32). overrides:
+    dropout, flash. A ValueError or DataError says in one line what is wrong; an ImportError
+    names a pip install."""
     if source in GPT2_SIZES or os.path.isfile(os.path.join(source, 'config.json')):
-        model = from_pretrained(source, device, **overrides)
+        model = from_pretrained(source, device, getattr(torch, dtype), **overrides)
         tok = hf_tokenizer_of(source) if os.path.isdir(source) else None
         tok = tok or gpt2_tokenizer()
         if model.config.vocab_size < tok.n_vocab:

@@ -77,8 +77,10 @@ ctx = (nullcontext() if dtype == 'float32'
 
 # the model, and the tokenizer of the data it was trained on (GPT-2's BPE for GPT-2's weights)
 try:
+    # (a Hugging Face folder's weights in bfloat16 where the matmuls run in it: half the memory)
     model, tok, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device,
-                                        ckpt_name, block_size)
+                                        ckpt_name, block_size,
+                                        'bfloat16' if dtype == 'bfloat16' else 'float32')
 except (ValueError, ImportError) as e:
     fail(e)
 block_size = model.config.block_size

@@ -54,10 +54,11 @@ torch.manual_seed(seed)
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], getattr(torch, dtype))
 
 # the model, and the tokenizer of the data it was trained on (GPT-2's BPE for GPT-2's weights)
-try:
-    # the fused attention whatever the run trained with: its forward is the faster one, bfloat16 included (baby
-    # GPT, a 256-token forward on the CPU: 93 against 112 ms written out); only its CPU bf16 backward is slow
-    model, tok, _ = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name, block_size,
+try:  # the fused attention, whatever the run trained with: its forward is the faster one, bf16
+    # included (only its CPU bf16 backward is slow: devices.pick_flash); a Hugging Face folder's
+    # weights in bfloat16 where the matmuls run in it (half the memory)
+    model, tok, _ = load_model(out_dir if init_from == 'resume' else init_from, device, ckpt_name,
+                               block_size, 'bfloat16' if dtype == 'bfloat16' else 'float32',
                                flash=True)
 except (ValueError, ImportError) as e:
     fail(e)

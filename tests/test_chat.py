@@ -25,6 +25,9 @@ from conversations import chat_template  # noqa: E402
 from letters import LETTERS, skill  # noqa: E402,F401
 from tokenizer import Tokenizer, gpt2_tokenizer, load_meta, load_tokenizer  # noqa: E402
 
+CHAT = [*TINY[1:], '--block_size=32', '--compile=False', '--plot=False']
+
+
 def write_jsonl(path, records):
     path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records), encoding='utf-8')
     return path

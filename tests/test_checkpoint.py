@@ -181,7 +181,8 @@ def test_load_model_from_a_folder_a_file_and_last_pt(repo, capsys, monkeypatch):
 PROJECT = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith('.py') and not f.startswith('test_')
                  and f != 'conftest.py')
 MODULES = {'model', 'configurator', 'tokenizer', 'batches', 'devices', 'checkpoint', 'scoring', 'plot',
-           'downloads', 'hf_models', 'muon', 'memory', 'conversations'}  # plot.py: a command train.py imports too
+           'downloads', 'hf_models', 'muon', 'memory', 'conversations', 'lora', 'dpo', 'gguf_export',
+           'side_by_side'}  # plot.py: a command train.py imports too
 
 
 def imports_of(name):
@@ -209,7 +210,9 @@ def test_no_import_cycle_and_modules_import_no_command():
     graph = {name: imports_of(name) - {name} for name in PROJECT}
     assert graph['tokenizer'] <= set() and graph['devices'] <= set() and graph['muon'] <= set()
     assert graph['batches'] <= {'tokenizer'} and graph['memory'] <= set()
-    assert graph['checkpoint'] <= {'model', 'tokenizer', 'devices', 'downloads', 'hf_models', 'memory'}
+    assert graph['checkpoint'] <= {'model', 'tokenizer', 'devices', 'downloads', 'hf_models', 'memory',
+                                   'lora'}
+    assert graph['lora'] <= set() and graph['gguf_export'] <= set()
     for name in MODULES:
         assert graph[name] <= MODULES, f"{name}.py imports a command: {graph[name] - MODULES}"
     state = {}  # depth-first search: 1 on the current path, 2 done
