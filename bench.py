@@ -293,14 +293,17 @@ def bench_sample(s):
 def lora_step():
     """One process's way (lora_way): 1 + iters steps of batch 2 x 256 on a GPT-2-medium shape;
     prints the median ms a step and the peak resident memory (VmHWM), in bytes."""
-    from lora import add_lora
+    from lora import add_lora, store_frozen
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=256, vocab_size=50304))
-    if lora_way == 'lora':
-        add_lora(model, lora_rank, 2 * lora_rank)  # the base frozen: no gradients, no Adam state
+    half = cpu_has_bf16()  # as train.py: bf16 autocast where the CPU has it
+    if lora_way == 'lora':  # the base frozen (no gradients, no Adam state), in bf16 as train.py
+        add_lora(model, lora_rank, 2 * lora_rank)
+        if half:
+            store_frozen(model, torch.bfloat16)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), 'cpu')
     x, y = (torch.randint(0, 50304, (2, 256)) for _ in range(2))
-    ctx = torch.autocast('cpu', torch.bfloat16) if cpu_has_bf16() else nullcontext()
+    ctx = torch.autocast('cpu', torch.bfloat16) if half else nullcontext()
     times = []
     for _ in range(1 + iters):
         t = time.perf_counter()

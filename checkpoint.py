@@ -165,7 +165,8 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()}
     args = {**checkpoint['model_args'], **checkpoint.get('arch', {}), **overrides}
     if 'lora' in checkpoint:  # adapters only: the model is their base, with them
-        return with_adapters(checkpoint['lora'], GPTConfig(**args), state_dict).to(device), checkpoint
+        model = with_adapters(checkpoint['lora'], GPTConfig(**args), state_dict)
+        return model.to(device), checkpoint
     with torch.device('meta'):  # shapes only: the file's tensors are the weights
         model = GPT(GPTConfig(**args), init_weights=False)
     model.load_state_dict(state_dict, assign=True)
@@ -186,8 +187,8 @@ def with_adapters(lora, config, adapters):
         model.grow_vocab(config.vocab_size, lora['known'])
     settings = {k: v for k, v in lora.items() if k != 'fingerprint'}
     if not math.isclose(adapt(model, **settings)['fingerprint'], lora['fingerprint'], rel_tol=1e-9):
-        raise ValueError(f"the base model of these adapters, {lora['base']}, has changed since they "
-                         f"were trained: restore it, or train the adapters again")
+        raise ValueError(f"the base model of these adapters, {lora['base']}, has changed since "
+                         f"they were trained: restore it, or train the adapters again")
     load_lora_state_dict(model, adapters)
     return model
 

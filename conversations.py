@@ -66,7 +66,8 @@ def conversation_messages(record):
                          f"'conversations', or 'instruction' + 'output'")
     roles = [r for r, _ in turns]
     body = roles[1:] if roles[:1] == ['system'] else roles
-    if any(r != ('user', 'assistant')[i % 2] for i, r in enumerate(body)) or 'assistant' not in body:
+    alternating = all(r == ('user', 'assistant')[i % 2] for i, r in enumerate(body))
+    if not alternating or 'assistant' not in body:
         raise ValueError(f"roles {roles}: expected an optional system message, then user and "
                          f"assistant alternating, starting with user, with at least one assistant "
                          f"turn")
@@ -85,9 +86,9 @@ def pair_messages(record):
         raise ValueError(f"a record is a JSON object, not {type(record).__name__}")
     missing = [k for k in ('chosen', 'rejected') if k not in record]
     if missing:
-        raise ValueError(f"a preference pair needs 'chosen' and 'rejected' (and 'prompt' unless they "
-                         f"are whole conversations): {', '.join(repr(k) for k in missing)} missing "
-                         f"(it has {', '.join(sorted(map(str, record))) or 'nothing'})")
+        raise ValueError(f"a preference pair needs 'chosen' and 'rejected' (and 'prompt' unless "
+                         f"they are whole conversations): {', '.join(repr(k) for k in missing)} "
+                         f"missing (it has {', '.join(sorted(map(str, record))) or 'nothing'})")
     prompt = record.get('prompt', [])
     prompt = [dict(role='user', content=prompt)] if isinstance(prompt, str) else prompt
     replies = []
@@ -127,8 +128,8 @@ def read_conversations(files, val_files=()):
                     if path.endswith('.jsonl'):
                         records.append((f"{path}:{n}", data))
                     else:
-                        records += [(f"{path}: record {i + 1}", r)
-                                    for i, r in enumerate(data if isinstance(data, list) else [data])]
+                        data = data if isinstance(data, list) else [data]
+                        records += [(f"{path}: record {i + 1}", r) for i, r in enumerate(data)]
             except json.JSONDecodeError as e:
                 n = n if path.endswith('.jsonl') else e.lineno
                 raise DataError(f"{path}:{n} is not JSON ({e.msg}): a .jsonl file holds one record "

@@ -44,7 +44,7 @@ class Preferences:
 
     def __init__(self, batches, beta, batch_size, block_size):
         self.batches, self.beta, self.B, self.T = batches, beta, batch_size, block_size
-        self.logps = {}  # split -> (n_pairs, 2): the reference's log p of the chosen, rejected reply
+        self.logps = {}  # split -> (n_pairs, 2): the reference's log p of chosen, rejected
 
     def pair_ids(self, split, stream):
         """The pairs a batch of stream holds: as batches.py draws them."""

@@ -1,11 +1,8 @@
 """
-Trains a GPT. On a laptop CPU, a character-level model of Shakespeare in under a minute:
+Trains a GPT. On a laptop CPU, a character-level model of Shakespeare in under a minute; on 8 GPUs
+of one machine, GPT-2 (docs/distributed.md for several machines):
 
-    python prepare.py shakespeare_char
-    python train.py config/train_shakespeare_char_cpu.py
-
-On 8 GPUs of one machine (docs/distributed.md for several machines):
-
+    python prepare.py shakespeare_char && python train.py config/train_shakespeare_char_cpu.py
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
 The defaults below train GPT-2 124M on OpenWebText. A config file and --key=value flags override
@@ -29,7 +26,7 @@ from checkpoint import (fit_vocab, hold_out_dir, load_model, resume_checkpoint, 
                         save_run)
 from devices import StopSignals, compile_checked, peak_flops, resolve
 from dpo import Preferences
-from lora import adapt
+from lora import adapt, store_frozen
 from memory import exit_on_oom, memory_report
 from model import GPT, GPTConfig
 from muon import make_optimizer
@@ -113,17 +110,14 @@ master = rank == 0  # the one process that logs and writes checkpoints
 sharded = ddp and fsdp  # FSDP2: each process holds a shard of weights, gradients, optimizer state
 fail = configurator.fail if master else lambda msg: configurator.fail(f"(rank {rank}) {msg}")
 log = print if master else lambda *args, **kwargs: None
-configurator.check_ranges(config, positive=('eval_interval', 'log_interval', 'eval_iters',
-                                             'batch_size', 'block_size', 'gradient_accumulation_steps'),
-                          non_negative=('max_iters', 'learning_rate', 'min_lr', 'weight_decay',
-                                        'grad_clip', 'warmup_iters', 'seed', 'checkpoint_interval',
-                                        'lora_rank', 'dpo_beta'))
+configurator.check_ranges(config, ('eval_interval', 'log_interval', 'eval_iters', 'batch_size',
+                                   'block_size', 'gradient_accumulation_steps'),  # at least 1
+                          ('max_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip',
+                           'warmup_iters', 'seed', 'checkpoint_interval', 'lora_rank', 'dpo_beta'))
 if gradient_accumulation_steps % world:  # the micro-batches of a step are shared out evenly
-    below = gradient_accumulation_steps // world * world
     fail(f"gradient_accumulation_steps {gradient_accumulation_steps} is not divisible by the "
          f"{world} processes: make it a multiple of {world} (the nearest: "
-         f"{f'{below} or ' if below else ''}{below + world}; batch_size x block_size x it = tokens "
-         f"per step)")
+         f"{world * max(1, round(gradient_accumulation_steps / world))})")
 micro_steps = gradient_accumulation_steps // world  # this process's share of each step
 if sharded and optimizer == 'muon':
     fail("optimizer='muon' orthogonalises each whole weight matrix, but FSDP keeps only a shard "
@@ -131,8 +125,8 @@ if sharded and optimizer == 'muon':
 if lora_rank and (init_from == 'scratch' or sharded or optimizer != 'adamw'):
     fail(f"lora_rank={lora_rank} adapts a trained model with AdamW, on one process or under DDP: "
          f"give --init_from (a checkpoint, gpt2..gpt2-xl or a Hugging Face folder), "
-         f"--optimizer=adamw and --fsdp=False (now init_from={init_from!r}, optimizer={optimizer!r}, "
-         f"fsdp={fsdp})")
+         f"--optimizer=adamw and --fsdp=False (now init_from={init_from!r}, "
+         f"optimizer={optimizer!r}, fsdp={fsdp})")
 try:  # each 'auto' becomes this machine's choice; under torchrun each process takes its own GPU
     local_rank = int(os.environ['LOCAL_RANK']) if ddp else None
     device, dtype, compile, flash = resolve(device, dtype, compile, flash, local_rank)
@@ -167,14 +161,13 @@ except ValueError as e:
 token_bytes = torch.tensor(tok.token_bytes(), device=device)  # UTF-8 bytes per id: bits per byte
 if bool(dpo_beta) != ('train_pairs' in meta):  # preference pairs train with DPO, and only they
     fail(f"data/{dataset} is {'a' if 'train_pairs' in meta else 'no'} dataset of preference pairs, "
-         f"and dpo_beta = {dpo_beta}: DPO (dpo_beta > 0, 0.1 say) trains on pairs prepared with a "
-         f"chat template, from records with 'chosen' and 'rejected' (prepare.py, docs/chat.md)")
+         f"and dpo_beta = {dpo_beta}: DPO (dpo_beta > 0, 0.1 say) trains on pairs of 'chosen' and "
+         f"'rejected' replies, prepared with a chat template (prepare.py, docs/chat.md)")
 batches = Batches(dataset, meta)  # the files opened once, now that they were found whole
 
 
 def get_batch(split, stream):
-    """batch_size windows of block_size + 1 tokens: inputs x and targets y (x shifted by one),
-    (B, T) each, on device; which windows is a pure function of stream (batches.py)."""
+    """Inputs x and targets y (x shifted by one), (B, T) each, of stream's windows (batches.py)."""
     try:
         return batches.get(split, stream, batch_size, block_size, device)
     except ValueError as e:  # a data file cut short while the run reads it
@@ -190,10 +183,10 @@ vocab_size = meta['vocab_size'] if meta['vocab_size'] < 4096 else \
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                   vocab_size=vocab_size, bias=bias, dropout=dropout, flash=flash, rope=rope,
                   rmsnorm=rmsnorm, swiglu=swiglu, n_kv_head=n_kv_head, qk_norm=qk_norm)
-# out of memory from here on: one line saying where, the estimate and the fix (memory.py)
-oom_args = (batch_size, dtype, gradient_accumulation_steps, world, device)
+oom_args = (batch_size, dtype, gradient_accumulation_steps, world, device)  # memory.py
 iter_num, best_val_loss, checkpoint, lora = 0, float('inf'), None, None  # steps, best val loss
 try:
+    # out of memory from here on: one line saying where, the estimate and the fix (memory.py)
     sys.excepthook = exit_on_oom(GPTConfig(**model_args), *oom_args)  # (a ValueError: bad shapes)
     if init_from == 'scratch':
         log(f"a new model from scratch, vocab_size {vocab_size}")
@@ -208,7 +201,6 @@ try:
     else:  # another run's checkpoint (FILE.pt), GPT-2's weights, or a Hugging Face folder
         log(f"initialising from {init_from} (its weights and shape; iteration 0, a new optimizer)")
         model, base_tok, _ = load_model(init_from, 'cpu', dropout=dropout, flash=flash)
-        model.train()
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)  # GPT-2 has 1024 positions; fewer train faster
         known = fit_vocab(model, base_tok, tok, meta, vocab_size, log)  # rows for new ids
@@ -218,6 +210,8 @@ except (ValueError, ImportError) as e:
     fail(e)
 if not sharded:  # FSDP moves each block to the GPU as it shards it
     model.to(device)
+if lora and dtype != 'float32':  # frozen matrices in their matmuls' precision: half the memory
+    store_frozen(model, getattr(torch, dtype))
 model_args = dataclasses.asdict(model.config)  # the model's own shape, for its checkpoints
 block_size = config['block_size'] = model.config.block_size  # a checkpoint's, GPT-2's
 sys.excepthook = exit_on_oom(model.config, *oom_args)  # the model's own shape from here on
@@ -247,11 +241,11 @@ if ddp and not sharded:  # DDP: each process holds the whole model; gradients ar
 
 # -----------------------------------------------------------------------------
 # optimizer and gradient scaler
-try:  # the setting optimizer ('adamw' | 'muon', still in config) becomes the optimizer itself
-    # (under FSDP and float16 without AdamW's fused kernel, which the sharded scaler's flag breaks)
+try:  # the setting optimizer ('adamw' | 'muon') becomes the optimizer (not fused under FSDP and
+    # float16: the sharded scaler's flag breaks AdamW's fused kernel)
+    fused = not (sharded and dtype == 'float16')
     optimizer = make_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), device_type,
-                               optimizer, muon_learning_rate,
-                               fused=not (sharded and dtype == 'float16'))
+                               optimizer, muon_learning_rate, fused=fused)
 except ValueError as e:
     fail(e)
 # float16's narrow range underflows small gradients: the scaler scales the loss up and unscales the
@@ -261,10 +255,11 @@ if sharded:
     scaler = ShardedGradScaler(device_type, enabled=dtype == 'float16')
 else:
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-if checkpoint is not None:  # Adam's moments (and Muon's), float16's loss scale
-    resume_optimizer(checkpoint, config, raw_model, optimizer, scaler, sharded, log)
 prefs = Preferences(batches, dpo_beta, batch_size, block_size) if dpo_beta else None
-try:  # DPO's reference: the model this run started from, as it was then (dpo.py)
+try:  # a resumed run's Adam moments (and Muon's), float16's loss scale; DPO's reference, the
+    # model this run started from as it was then (its log-probabilities: dpo.py)
+    if checkpoint is not None:
+        resume_optimizer(checkpoint, config, raw_model, optimizer, scaler, sharded, log)
     if prefs:
         prefs.reference(raw_model, ctx, device, checkpoint, log)
 except ValueError as e:
@@ -275,24 +270,21 @@ checkpoint = None  # free the memory the loaded tensors hold
 # -----------------------------------------------------------------------------
 # helpers of the training loop: checkpoints, evaluation, the schedule
 def save(names):
-    """Write the run's state to out_dir/name for each of names, whole or not at all (checkpoint.py).
-    Every process calls it: under FSDP they gather the weights together."""
+    """The run's state to out_dir/<name> for each of names, whole (every process: FSDP gathers)."""
     state = dict(model_args=model_args, scaler=scaler.state_dict(), iter_num=iter_num,
                  best_val_loss=best_val_loss, config=config, rng_state=torch.get_rng_state(),
                  **(dict(lora=lora) if lora else {}),
                  **(dict(dpo_reference=prefs.logps) if prefs else {}))
     seconds = save_run(raw_model, optimizer, state, names, out_dir, sharded, master, device, ddp)
-    log(f"saved {', '.join(names)} at iteration {iter_num} ({seconds:.1f} s)" + (
-        "; under torchrun a preempted run has 30 s to save: see docs/devices.md"
-        if seconds > 10 else ""))
+    log(f"saved {', '.join(names)} at iteration {iter_num} ({seconds:.1f} s)" + ("; under torchrun "
+        "a preempted run has 30 s to save: see docs/devices.md" if seconds > 10 else ""))
 
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over every target, and bits per byte, of each split on the same eval_iters batches
-    in every run (batches.eval_stream), whatever the seed or the number of processes: each process
-    takes every world-th batch and the sums are added up. DPO: its loss, mean margin and pair
-    accuracy (dpo.py)."""
+    """Mean loss over every target and bits per byte (DPO: its loss, margin and pair accuracy) of
+    each split on the same eval_iters batches in every run (batches.eval_stream), whatever the seed
+    or the processes: each process takes every world-th batch and the sums are added up."""
     out = {}
     model.eval()  # dropout off
     rounds = math.ceil(eval_iters / world)  # every process runs as many forwards (FSDP needs it)
@@ -303,14 +295,15 @@ def estimate_loss():
             X, Y = get_batch(split, stream)
             with ctx:
                 logits, nll = model(X, Y, reduction='none')
-            if k < eval_iters:  # not a repeat, which keeps the processes in step
-                sums += prefs.sums(nll, split, stream) if prefs else score_sums(logits, Y, token_bytes)
+            if k >= eval_iters:  # a repeat, which keeps the processes in step: not counted
+                continue
+            sums += prefs.sums(nll, split, stream) if prefs else score_sums(logits, Y, token_bytes)
         if ddp:
             dist.all_reduce(sums)
         if prefs:
-            loss_sum, pairs, margin_sum, right = sums.tolist()
-            out[split], out[f'{split}_margin'], out[f'{split}_accuracy'] = \
-                loss_sum / pairs, margin_sum / pairs, right / pairs
+            loss_sum, pairs, margin, right = sums.tolist()
+            out.update({split: loss_sum / pairs, f'{split}_margin': margin / pairs,
+                        f'{split}_accuracy': right / pairs})
         else:
             loss_sum, n_targets, text_loss, n_bytes = sums.tolist()
             out[split] = loss_sum / max(n_targets, 1)
@@ -359,9 +352,10 @@ while True:
         if hellaswag:  # raw_model: one compiled graph per item length would recompile
             _, scores['hellaswag_acc'], scores['hellaswag_acc_norm'] = hellaswag.score(
                 raw_model, device, ctx, rank, world)
+        shown = ''.join(f", {k.replace('_', ' ', 1)} {v:.4f}" for k, v in scores.items()
+                        if k != 'hellaswag_acc')  # train bpb, val bpb; DPO's; HellaSwag's
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-            f"(best {best_val_loss:.4f})" + ''.join(f", {k.replace('_', ' ', 1)} {v:.4f}"
-                                                    for k, v in scores.items() if k != 'hellaswag_acc'))
+            f"(best {best_val_loss:.4f}){shown}")
         # the plot and the sample are for a person watching: not more often than watch_interval
         watch = (eval_only or iter_num >= max_iters
                  or time.perf_counter() - watched_at >= watch_interval)
@@ -369,12 +363,12 @@ while True:
         if master:
             run_log.record(iter=iter_num, tokens=iter_num * tokens_per_iter,
                            train_loss=losses['train'], val_loss=losses['val'], **scores, plot=watch)
-        if sample_ids and watch:  # its own generator: the run's random state is left as it was
-            generator = torch.Generator(device=device).manual_seed(seed)  # the same draw each time
+        if sample_ids and watch:  # a generator of its own: the same draw each time, and the run's
+            generator = torch.Generator(device=device).manual_seed(seed)  # random state as it was
             with torch.no_grad(), ctx:
                 y = raw_model.eval().generate(torch.tensor([sample_ids], device=device),
-                                              eval_sample_tokens, eval_sample_temperature, top_k=200,
-                                              vocab_size=meta['vocab_size'], generator=generator)
+                                              eval_sample_tokens, eval_sample_temperature, 200,
+                                              meta['vocab_size'], generator=generator)
             raw_model.train()
             log(f"sample: {tok.decode(y[0].tolist())!r}")
         if wandb:
@@ -391,10 +385,9 @@ while True:
     steps = [rank * micro_steps + m for m in range(micro_steps)]
     micro_batches = [get_batch('train', train_stream(seed, iter_num, m)) for m in steps]
     # the step's loss is the mean over all its targets (chat data masks some; DPO: over its pairs)
-    n_targets = sum((Y >= 0).sum() for _, Y in micro_batches).float()
-    if prefs:
-        n_targets = torch.tensor(float(gradient_accumulation_steps * batch_size), device=device)
-    elif ddp:
+    n_targets = torch.tensor(float(gradient_accumulation_steps * batch_size), device=device) if \
+        prefs else sum((Y >= 0).sum() for _, Y in micro_batches).float()
+    if ddp and not prefs:
         dist.all_reduce(n_targets)
     loss_sum = torch.zeros((), device=device)
     for m, (X, Y) in zip(steps, micro_batches):
@@ -425,9 +418,8 @@ while True:
         fail(f"loss is {lossf} at iteration {iter_num}{why}: stopping without saving; the "
              f"checkpoints on disk are from before (lower learning_rate, or use bfloat16 instead "
              f"of float16)")
-    # these weights have just given a finite loss: save them now if a checkpoint is due, or a signal
-    # asks to stop (before their update, which the resumed run makes): no weights reach the disk
-    # unchecked
+    # these weights have just given a finite loss: save them now if a checkpoint is due or a signal
+    # asks to stop (before their update, which the resumed run makes): none reach the disk unchecked
     if signalled or (checkpoint_interval and iter_num % checkpoint_interval == 0
                      and iter_num % eval_interval):
         save(['last.pt'])

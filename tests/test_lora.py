@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
-from lora import (add_lora, adapters_off, load_lora_state_dict, lora_state_dict, merge_lora,
+from lora import (add_lora, adapters_off, load_lora_state_dict, lora_state_dict, merge_lora, store_frozen,
                   train_new_rows)
 from model import GPT, GPTConfig
 
@@ -306,3 +306,27 @@ def test_bad_arguments():
     raises_one_line(lambda: load_lora_state_dict(other, sd), 'rank')
     train_new_rows(m, KNOWN)  # a name the state dict lacks
     raises_one_line(lambda: load_lora_state_dict(m, sd), 'rows', 'known')
+
+
+def test_frozen_weights_stored_in_bfloat16_change_nothing_under_autocast():
+    """store_frozen: the blocks' frozen matrices in bf16 give, under bf16 autocast, the logits and
+    the adapters' gradients of the float32 model bit for bit (autocast casts them to bf16 anyway)."""
+    grads, logits = [], []
+    for half in (False, True):
+        model = tiny()
+        add_lora(model, 4, 8)
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, 'lora_B'):
+                    m.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(m.lora_B.numel()))
+        if half:
+            store_frozen(model, torch.bfloat16)
+            assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+        idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.autocast('cpu', torch.bfloat16):
+            out, loss = model.train()(idx, idx)
+        loss.backward()
+        logits.append(out.float())
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert torch.equal(logits[0], logits[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
