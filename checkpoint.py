@@ -31,7 +31,7 @@ except ImportError:  # Windows: runs are not locked
 import torch
 
 from devices import fail_together
-from downloads import GPT2_SIZES
+from downloads import download_model, is_hub_model
 from hf_models import from_pretrained, hf_tokenizer_of
 from lora import adapt, is_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from memory import human_bytes
@@ -381,16 +381,17 @@ def load_model(source, device='cpu', ckpt_name='ckpt.pt', block_size=0, dtype='f
     """(model, tokenizer, checkpoint) from source, in eval mode on device:
     - a run's out_dir (train.py's or nanoGPT's): its ckpt_name, with its dataset's tokenizer;
     - a checkpoint file (path/to/last.pt), likewise;
-    - 'gpt2' ... 'gpt2-xl' or a Hugging Face folder (GPT-2, Llama, Qwen3: hf_models.py) with its
-      tokenizer.json (GPT-2's BPE for GPT-2's weights without one); checkpoint None.
+    - a Hugging Face folder (GPT-2, Llama, Qwen3: hf_models.py), or a hub model ('gpt2'...'gpt2-xl',
+      'HuggingFaceTB/SmolLM2-135M'), with its tokenizer.json (GPT-2's BPE for GPT-2's weights
+      without one) and chat template; checkpoint None.
     block_size: 0 keeps the model's context, a smaller one crops it. dtype: a folder's weights in
     'bfloat16' take half the memory of 'float32' (to sample; training keeps float32). overrides:
     dropout, flash. A ValueError or DataError says in one line what is wrong; an ImportError
     names a pip install."""
-    if source in GPT2_SIZES or os.path.isfile(os.path.join(source, 'config.json')):
-        model = from_pretrained(source, device, getattr(torch, dtype), **overrides)
-        tok = hf_tokenizer_of(source) if os.path.isdir(source) else None
-        tok = tok or gpt2_tokenizer()
+    if is_hub_model(source) or os.path.isfile(os.path.join(source, 'config.json')):
+        folder = source if os.path.isdir(source) else download_model(source)
+        model = from_pretrained(folder, device, getattr(torch, dtype), **overrides)
+        tok = hf_tokenizer_of(folder) or gpt2_tokenizer()  # GPT-2's weights: its BPE
         if model.config.vocab_size < tok.n_vocab:
             raise ValueError(f"{source} has a vocabulary of {model.config.vocab_size:,} tokens, "
                              f"its tokenizer {tok.n_vocab:,}: the folder's files do not belong "

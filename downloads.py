@@ -4,7 +4,7 @@ do without (put the file there yourself, pass a local path):
 
 - download(url, path): a file by its URL (prepare.py's named datasets, scoring.py's HellaSwag);
 - hub_batches(repo): a Hugging Face hub dataset, streamed (prepare.py: OpenWebText, Alpaca, ...);
-- download_gpt2(name): GPT-2's weights from the hub (checkpoint.py's from_pretrained).
+- download_model(name): a model's folder from the hub: GPT-2's, or any repository's.
 
 HF_ENDPOINT points the hub's URLs at a mirror (huggingface_hub reads it too). Nothing else
 downloads: tokenizer.py reads only committed and prepared files.
@@ -63,23 +63,34 @@ def hub_batches(repo, n=256, column='text'):
                         f"with --input=FOLDER") from None
 
 
-def download_gpt2(name):
-    """The hub's GPT-2 folder, cached by huggingface_hub (which reads
-    HF_ENDPOINT and HF_HUB_OFFLINE)."""
-    if name not in GPT2_SIZES:
-        raise ValueError(f"'{name}' is not a folder, nor one of {', '.join(GPT2_SIZES)}")
+def is_hub_model(name):
+    """A name the hub knows models by: 'gpt2' ... 'gpt2-xl', or a repository 'owner/name' (such as
+    'HuggingFaceTB/SmolLM2-135M') that is no folder here."""
+    return name in GPT2_SIZES or (name.count('/') == 1 and not os.path.exists(name)
+                                  and all(name.split('/')) and not name.endswith('.pt'))
+
+
+def download_model(name):
+    """The folder of a hub model (is_hub_model), cached by huggingface_hub (which reads HF_ENDPOINT
+    and HF_HUB_OFFLINE): its config, weights (safetensors only: loading them never runs code),
+    tokenizer and chat template."""
+    if not is_hub_model(name):
+        raise ValueError(f"'{name}' is not a folder, nor one of {', '.join(GPT2_SIZES)}, nor a "
+                         f"hub repository such as HuggingFaceTB/SmolLM2-135M")
     try:
         from huggingface_hub import snapshot_download  # comes with transformers
     except ImportError:
         raise ImportError(f"downloading '{name}' needs the Hugging Face hub client: "
                           f"pip install transformers") from None
     # where OpenAI's models live on the hub ('gpt2' alone is a redirect)
-    repo = f'openai-community/{name}'
+    repo = f'openai-community/{name}' if name in GPT2_SIZES else name
+    files = ['config.json', '*.safetensors', 'model.safetensors.index.json', 'tokenizer.json',
+             'tokenizer_config.json', 'generation_config.json', 'chat_template.jinja']
     try:
-        return snapshot_download(repo, allow_patterns=['config.json', 'model.safetensors'])
+        return snapshot_download(repo, allow_patterns=files)
     except Exception as e:  # offline, a proxy, a wrong HF_ENDPOINT, a revoked repo...
         first_line = (str(e).strip().splitlines() or [''])[0]
         raise ValueError(f"cannot download '{name}' from the Hugging Face hub "
                          f"({type(e).__name__}: {first_line}); where it is reachable, run "
-                         f"'hf download {repo} config.json model.safetensors --local-dir {name}', "
-                         f"copy that folder here and pass its path instead") from None
+                         f"'hf download {repo} --local-dir {name.split('/')[-1]}', copy that "
+                         f"folder here and pass its path instead") from None

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from downloads import download_gpt2
+from downloads import download_model
 from model import GPT, GPTConfig
 from conversations import model_template
 from tokenizer import Tokenizer, eot_of
@@ -109,6 +109,7 @@ def llama_args(hf):
         ('mlp_bias', mlp_bias, mlp_bias == bias),  # model.py's bias is on every Linear or none
         ('use_sliding_window', hf.get('use_sliding_window'), not hf.get('use_sliding_window')),
         ('layer_types', sorted(layer_types), layer_types == {'full_attention'}),
+        ('rope_interleaved', hf.get('rope_interleaved'), not hf.get('rope_interleaved')),
     ] if not ok]
     return args
 
@@ -276,13 +277,13 @@ def read_files(folder):
 
 
 def from_pretrained(name_or_path, device='cpu', dtype=torch.float32, **overrides):
-    """A GPT with the weights of 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' (the hub's) or
-    of a folder in one of the three layouts. The model is built without an initialisation and
+    """A GPT with the weights of a folder in one of the three layouts, or of a hub model:
+    'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a repository ('HuggingFaceTB/SmolLM2-135M'). The model is built without an initialisation and
     takes the file's tensors, cast to dtype (float32 to train; bfloat16 halves a model's memory).
     overrides may set what leaves the weights alone: dropout (default 0.0), flash."""
     if set(overrides) - {'dropout', 'flash'}:
         raise ValueError(f"from_pretrained overrides only dropout and flash, not {sorted(overrides)}")
-    folder = name_or_path if os.path.isdir(name_or_path) else download_gpt2(name_or_path)
+    folder = name_or_path if os.path.isdir(name_or_path) else download_model(name_or_path)
     config = {**read_config(folder), 'dropout': 0.0, **overrides}
     with torch.device('meta'):  # shapes only: the file's tensors become the weights
         model = GPT(GPTConfig(**config), init_weights=False)
