@@ -319,7 +319,7 @@ def lora_step():
 
 
 def bench_lora():
-    """Full finetuning against LoRA, each way in fresh processes, --processes of each, alternating."""
+    """Full finetuning against LoRA, each in fresh processes, --processes of each, alternating."""
     runs = {way: [] for way in ('full', 'lora')}
     for _ in range(processes):
         for way in runs:
@@ -332,7 +332,8 @@ def bench_lora():
     (ms, peak), (lora_ms, lora_peak) = [[statistics.median(r[i] for r in rs) for i in (0, 1)]
                                         for rs in runs.values()]
     print(f"GPT-2 medium's shape (24 x 16 x 1024, random weights), batch 2 x 256, "
-          f"torch {torch.__version__}: full finetuning {ms:,.0f} ms a step, peak {peak / 1e9:.2f} GB; "
+          f"torch {torch.__version__}: full finetuning {ms:,.0f} ms a step, "
+          f"peak {peak / 1e9:.2f} GB; "
           f"LoRA rank {lora_rank} {lora_ms:,.0f} ms, peak {lora_peak / 1e9:.2f} GB: "
           f"{lora_peak / peak:.2f}x the memory, {lora_ms / ms:.2f}x the time")
     print(f"reproduce: python bench.py --mode=lora --processes={processes} --iters={iters} "

@@ -1,14 +1,17 @@
 """
-A conversation with a chat-finetuned model (docs/chat.md: prepare.py on conversations, train.py, then this):
+A conversation with a chat-finetuned model (docs/chat.md: prepare.py on conversations, train.py,
+then this), or with an instruct model's Hugging Face folder (docs/llama.md):
 
     python chat.py --out_dir=out-chat-cpu
     python chat.py --init_from=out-sft/last.pt --system="Answer in one word." --temperature=0
-    echo "abc" | python chat.py --out_dir=out-chat-cpu     # piped: each line is a user turn, each reply one line
+    python chat.py --init_from=SmolLM2-135M-Instruct      # the model's own template
+    echo "abc" | python chat.py --out_dir=out-chat-cpu   # piped: a user turn a line, a reply a line
 
-The reply streams as it is generated and ends at the model's <|end|> (or after max_new_tokens); the
-conversation stays in the model's context, its oldest turns dropped once it no longer fits. /clear starts a
-new conversation, /quit (or the end of the input) leaves. The template (tokenizer.py) is the one the data was
-prepared with: a model trained without one is refused. python chat.py --help lists every setting.
+The reply streams as it is generated and ends at the model's end of turn (our <|end|>, or the
+folder's eos) or after max_new_tokens; the conversation stays in the model's context, its oldest
+turns dropped once it no longer fits. /clear starts a new conversation, /quit (or the end of the
+input) leaves. The template (conversations.py) is the one the data was prepared with, or the
+folder's: a model without one is refused. python chat.py --help lists every setting.
 """
 
 import sys
@@ -33,7 +36,7 @@ system = ''  # a system prompt that opens every conversation ('' = none)
 max_new_tokens = 256  # the longest reply, in tokens
 temperature = 0.8  # 1.0 samples the model's distribution, < 1.0 sharpens it, 0 is greedy
 top_k = 200  # keep only the top_k most likely tokens at each step; 0 keeps all
-kv_cache = True  # keep the keys and values of the conversation so far across turns (exact); False: recompute
+kv_cache = True  # keep the conversation's keys and values across turns (exact); False: recompute
 seed = 1337  # the same seed gives the same replies
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16'
@@ -47,7 +50,8 @@ except ValueError as e:
     fail(e)
 generator = torch.Generator(device=device).manual_seed(seed)
 # mixed precision: matmuls in bfloat16 or float16 where the device has them
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], getattr(torch, dtype))
+ctx = nullcontext() if dtype == 'float32' else \
+    torch.autocast(device.split(':')[0], getattr(torch, dtype))
 try:
     source = out_dir if init_from == 'resume' else init_from
     # a Hugging Face folder's weights in bfloat16 where the matmuls run in it: half the memory
@@ -72,8 +76,9 @@ piped = not sys.stdin.isatty()
 
 
 class Context:
-    """The ids the model has seen in this conversation, their keys and values (KVCache, one per block), and
-    the next token's logits. A new prompt that extends the ids fed so far feeds only what is new (exact: the
+    """The ids the model has seen in this conversation, their keys and values (KVCache, one per
+    block), and the next token's logits. A new prompt that extends the ids fed so far feeds only
+    what is new (exact: the
     same positions, the same keys and values); any other prompt is fed again from the start."""
 
     def __init__(self):
@@ -83,8 +88,10 @@ class Context:
     @torch.no_grad()
     def feed(self, ids):
         """Make ids the context; return the next token's logits (vocab_size,)."""
-        if not (kv_cache and self.cache is not None and ids[:len(self.ids)] == self.ids and len(ids) > len(self.ids)):
-            self.ids, self.cache = [], [KVCache() for _ in model.transformer.h] if kv_cache else None
+        extends = ids[:len(self.ids)] == self.ids and len(ids) > len(self.ids)
+        if not (kv_cache and self.cache is not None and extends):  # from the start
+            self.ids = []
+            self.cache = [KVCache() for _ in model.transformer.h] if kv_cache else None
         new = ids[len(self.ids):]
         x = torch.tensor([new], dtype=torch.long, device=device)  # (1, T)
         with ctx:
@@ -111,7 +118,8 @@ def reply(history, context):
     first = int(history[0]['role'] == 'system')  # the system prompt stays
     while len(prompt) > block_size - reserve and len(history) > first + 1:
         if not context.dropped:
-            print(f"(the conversation outgrows the model's context of {block_size} tokens: its oldest turns are "
+            print(f"(the conversation outgrows the model's context of {block_size} tokens: its "
+                  f"oldest turns are "
                   f"dropped)", file=sys.stderr)
         context.dropped = True
         del history[first:first + 2]  # the oldest user turn and its reply
@@ -124,7 +132,7 @@ def reply(history, context):
             break
         out.append(token)
         text = tok.decode(out)
-        if not text.endswith('\ufffd'):  # a character whose bytes are not all there yet waits for the rest
+        if not text.endswith('\ufffd'):  # a character whose bytes are not all there yet waits
             print(text[len(shown):], end='', flush=True)
             shown = text
         if len(prompt) + len(out) >= block_size:  # the context is full: the reply stops here

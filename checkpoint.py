@@ -145,9 +145,9 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     """Load a checkpoint of train.py (or nanoGPT) into a GPT on device: (model, checkpoint).
     optimizer=False drops the optimizer's state unread. overrides change settings that leave the
     weights alone (dropout, flash). mmap: the file is mapped, not read, so what is never used takes
-    no memory; the model is built on the 'meta' device without an initialisation and takes the
-    file's tensors themselves (assign=True). Never torch.save over a file still mapped
-    (save_checkpoint writes a new file and renames it, which leaves the mapped one whole)."""
+    no memory; the model, built without GPT-2's initialisation, takes the file's tensors
+    themselves (assign=True). Never torch.save over a file still mapped (save_checkpoint writes a
+    new file and renames it, which leaves the mapped one whole)."""
     mmap = mmap and zipfile.is_zipfile(path)  # torch.save's format since PyTorch 1.6
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
@@ -167,7 +167,9 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
     if 'lora' in checkpoint:  # adapters only: the model is their base, with them
         model = with_adapters(checkpoint['lora'], GPTConfig(**args), state_dict)
         return model.to(device), checkpoint
-    with torch.device('meta'):  # shapes only: the file's tensors are the weights
+    # on the CPU, not the 'meta' device (a meta tensor's normal_ imports all of torch._dynamo);
+    # the draws of nn.Linear and nn.Embedding, overwritten next, leave the random state as it was
+    with torch.random.fork_rng(devices=[]):
         model = GPT(GPTConfig(**args), init_weights=False)
     model.load_state_dict(state_dict, assign=True)
     if model.config.tie_embeddings:  # tied again: assign gave each name its own Parameter

@@ -4,7 +4,7 @@ it) load as they load the models of the hub; with --gguf=FILE, also one GGUF fil
 (and through it Ollama, LM Studio, llama.cpp's server):
 
     python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-model
-    python -c "from transformers import pipeline; print(pipeline('text-generation', 'hf-model')('ROMEO:'))"
+    python -c "import transformers as t; print(t.pipeline('text-generation', 'hf-model')('ROMEO:'))"
     python export_hf.py --out_dir=out-tinystories-modern --hf_dir=hf-tiny --gguf=tiny.gguf
 
 The layout is the one the model's switches compute (hf_models.py): GPT-2's with every switch off,
@@ -66,7 +66,8 @@ def write_gpt2_tokenizer(folder, block_size, tk):
         f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
     tokens = dict(bos_token='<|endoftext|>', eos_token='<|endoftext|>', unk_token='<|endoftext|>')
     write_json(os.path.join(folder, 'tokenizer_config.json'), dict(
-        tokenizer_class='GPT2Tokenizer', model_max_length=block_size, add_prefix_space=False, **tokens))
+        tokenizer_class='GPT2Tokenizer', model_max_length=block_size, add_prefix_space=False,
+        **tokens))
     # tokenizer.json: the same BPE for the tokenizers library, which fast tokenizers use
     tok = tk.Tokenizer(tk.models.BPE(vocab, merges))
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split
@@ -88,10 +89,13 @@ def write_char_tokenizer(folder, chars, block_size, tk):
         clean_up_tokenization_spaces=False))
 
 
-# tokenizer.py's layout in Jinja, the language of transformers' chat templates: <|role|>content<|end|>
+# tokenizer.py's layout in Jinja, the language of transformers' chat templates:
+# <|role|>content<|end|>
 # per message, then <|assistant|> when a reply is to follow
-CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + "
-                 "'<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+CHAT_TEMPLATE = ("{% for message in messages %}"
+                 "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                 "{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
 def add_chat_template(folder, tok, tk):
@@ -100,10 +104,13 @@ def add_chat_template(folder, tok, tk):
     markers is encoded on its own, as tokenizer.py encodes each message's content."""
     path = os.path.join(folder, 'tokenizer.json')
     hf = tk.Tokenizer.from_file(path)
-    hf.add_special_tokens([tk.AddedToken(name, special=True, normalized=False) for name in tok.special])
-    wrong = {name: hf.token_to_id(name) for name, i in tok.special.items() if hf.token_to_id(name) != i}
+    hf.add_special_tokens([tk.AddedToken(name, special=True, normalized=False)
+                           for name in tok.special])
+    wrong = {name: hf.token_to_id(name) for name, i in tok.special.items()
+             if hf.token_to_id(name) != i}
     if wrong:
-        raise ValueError(f"the chat markers got ids {wrong} in the exported tokenizer, not {tok.special}")
+        raise ValueError(f"the chat markers got ids {wrong} in the exported tokenizer, "
+                         f"not {tok.special}")
     hf.save(path)
     config_path = os.path.join(folder, 'tokenizer_config.json')
     with open(config_path, encoding='utf-8') as f:
@@ -123,13 +130,14 @@ def write_json(path, obj):
 
 
 def write_tokenizer(folder, tok, data_dir, block_size, tk):
-    """The tokenizer of the data the model learned, in folder; returns what was written, in words."""
+    """The tokenizer of the data the model learned, in folder; returns what it wrote, in words."""
     kind = tok.spec['type']
     if kind == 'gpt2':
         write_gpt2_tokenizer(folder, block_size, tk)
         written = "GPT-2's tokenizer (vocab.json, merges.txt, tokenizer.json)"
     elif kind == 'tokenizers':
-        shutil.copy(os.path.join(data_dir, tok.spec['file']), os.path.join(folder, 'tokenizer.json'))
+        source = os.path.join(data_dir, tok.spec['file'])
+        shutil.copy(source, os.path.join(folder, 'tokenizer.json'))
         eot = eot_of(tok.tok)
         write_json(os.path.join(folder, 'tokenizer_config.json'), dict(
             tokenizer_class='PreTrainedTokenizerFast', model_max_length=block_size,

@@ -11,7 +11,7 @@ transformers' for the three layouts that model.py's switches compute exactly.
 
     from hf_models import from_pretrained, to_hf
     model = from_pretrained('gpt2')                  # the hub's 124M (downloads.py), or a folder
-    config, weights = to_hf(model, vocab_size)       # config.json's dict, model.safetensors' tensors
+    config, weights = to_hf(model, vocab_size)       # config.json's dict, the safetensors' tensors
 
 checkpoint.load_model reads folders with from_pretrained (with their tokenizer: hf_tokenizer_of);
 export_hf.py writes them with to_hf. Nothing here runs code from a folder: weights come from
@@ -93,14 +93,17 @@ def llama_args(hf):
     bias = hf.get('attention_bias', False)
     args = dict(n_layer=hf['num_hidden_layers'], n_head=heads, n_embd=width,
                 block_size=hf.get('max_position_embeddings', 2048), vocab_size=hf['vocab_size'],
-                bias=bias, rope=True, rmsnorm=True, swiglu=True, qk_norm=hf['model_type'] == 'qwen3',
+                bias=bias, rope=True, rmsnorm=True, swiglu=True,
+                qk_norm=hf['model_type'] == 'qwen3',
                 n_kv_head=hf.get('num_key_value_heads') or heads,
                 head_dim=head_dim if head_dim != width // heads else 0,
                 mlp_hidden=hf['intermediate_size'], rope_theta=float(theta),
-                norm_eps=hf.get('rms_norm_eps', 1e-6), tie_embeddings=hf.get('tie_word_embeddings', False))
+                norm_eps=hf.get('rms_norm_eps', 1e-6),
+                tie_embeddings=hf.get('tie_word_embeddings', False))
     if args['n_kv_head'] == heads:
         args['n_kv_head'] = 0
-    scaling = hf.get('rope_scaling') or (rope if rope.get('rope_type', 'default') != 'default' else None)
+    scaled = rope.get('rope_type', 'default') != 'default'
+    scaling = hf.get('rope_scaling') or (rope if scaled else None)
     mlp_bias = hf.get('mlp_bias', False) if hf['model_type'] == 'llama' else False
     layer_types = set(hf.get('layer_types') or ['full_attention'])
     args['unsupported'] = [f"{k}={v!r}" for k, v, ok in [
@@ -115,8 +118,8 @@ def llama_args(hf):
 
 
 def layout_of(config):
-    """'gpt2', 'llama' or 'qwen3': the layout a GPTConfig's switches compute; a ValueError naming the
-    switches when no standard layout computes that combination."""
+    """'gpt2', 'llama' or 'qwen3': the layout a GPTConfig's switches compute; a ValueError naming
+    the switches when no standard layout computes that combination."""
     switches = {k: getattr(config, k) for k in ('rope', 'rmsnorm', 'swiglu', 'qk_norm')}
     gqa = config.n_kv_head not in (0, config.n_head)
     head_dim = config.head_size != config.n_embd // config.n_head
@@ -198,7 +201,8 @@ def to_hf(model, vocab_size, eot=None):
                 q, k, v = ours.pop(p + f'attn.c_attn.{part}').split([nh * hs, nkv * hs, nkv * hs])
                 gate, up = ours.pop(p + f'mlp.c_fc.{part}').split([hidden, hidden])
                 for name, t in (('self_attn.q_proj', q), ('self_attn.k_proj', k),
-                                ('self_attn.v_proj', v), ('mlp.gate_proj', gate), ('mlp.up_proj', up)):
+                                ('self_attn.v_proj', v), ('mlp.gate_proj', gate),
+                                ('mlp.up_proj', up)):
                     weights[f'model.layers.{i}.{name}.{part}'] = t
             for mine, theirs in llama_block_names(config, i):
                 if mine in ours:
@@ -237,7 +241,8 @@ def from_hf(weights, config, folder):
         state_dict['transformer.wte.weight'] = weights.pop('model.embed_tokens.weight')
         state_dict['transformer.ln_f.weight'] = weights.pop('model.norm.weight')
         if weights:  # what this GPT has no place for: other logits than transformers'
-            raise ValueError(f"{folder}: weights this GPT does not compute: {', '.join(list(weights)[:5])}")
+            names = ', '.join(list(weights)[:5])
+            raise ValueError(f"{folder}: weights this GPT does not compute: {names}")
     wte = state_dict['transformer.wte.weight']
     if config.get('tie_embeddings', True):
         if lm_head is not None and not torch.equal(lm_head, wte):
@@ -263,9 +268,11 @@ def read_files(folder):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ImportError(f"reading {paths[0]} needs safetensors: pip install safetensors") from None
+            raise ImportError(f"reading {paths[0]} needs safetensors: "
+                              f"pip install safetensors") from None
     else:  # weights_only: the file can hold only tensors, so loading it never runs code
-        load_file = lambda path: torch.load(path, map_location='cpu', weights_only=True)  # noqa: E731
+        def load_file(path):
+            return torch.load(path, map_location='cpu', weights_only=True)
     weights = {}
     for path in paths:
         try:
@@ -278,11 +285,13 @@ def read_files(folder):
 
 def from_pretrained(name_or_path, device='cpu', dtype=torch.float32, **overrides):
     """A GPT with the weights of a folder in one of the three layouts, or of a hub model:
-    'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a repository ('HuggingFaceTB/SmolLM2-135M'). The model is built without an initialisation and
-    takes the file's tensors, cast to dtype (float32 to train; bfloat16 halves a model's memory).
+    'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a repository ('HuggingFaceTB/SmolLM2-135M').
+    The model is built without an initialisation and takes the file's tensors, cast to dtype
+    (float32 to train; bfloat16 halves a model's memory).
     overrides may set what leaves the weights alone: dropout (default 0.0), flash."""
     if set(overrides) - {'dropout', 'flash'}:
-        raise ValueError(f"from_pretrained overrides only dropout and flash, not {sorted(overrides)}")
+        raise ValueError(f"from_pretrained overrides only dropout and flash, "
+                         f"not {sorted(overrides)}")
     folder = name_or_path if os.path.isdir(name_or_path) else download_model(name_or_path)
     config = {**read_config(folder), 'dropout': 0.0, **overrides}
     with torch.device('meta'):  # shapes only: the file's tensors become the weights

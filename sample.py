@@ -5,10 +5,11 @@ Samples text from a trained model:
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3
     python sample.py --out_dir=out-shakespeare-char-cpu --start=FILE:prompt.txt --temperature=0
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
-    python sample.py --init_from=path/to/hf-folder   # a Hugging Face GPT-2 folder (export_hf.py writes one)
+    python sample.py --init_from=path/to/hf-folder   # a Hugging Face folder: GPT-2, Llama, Qwen3
 
 Text is encoded and decoded with the tokenizer of the data the model was trained on: a checkpoint's
-dataset's (data/<dataset>/meta.json), or GPT-2's BPE for GPT-2's weights (checkpoint.load_model). python sample.py --help
+dataset's (data/<dataset>/meta.json), a folder's tokenizer.json, or GPT-2's BPE for GPT-2's weights
+(checkpoint.load_model). python sample.py --help
 lists every setting.
 """
 
@@ -25,7 +26,7 @@ from model import check_generate_args
 
 # -----------------------------------------------------------------------------
 # settings
-init_from = 'resume'  # 'resume' (out_dir's checkpoint) | a run's folder | a ckpt.pt file | 'gpt2' ... 'gpt2-xl' | an HF folder
+init_from = 'resume'  # 'resume' (out_dir's) | a run's folder | FILE.pt | 'gpt2'.. | an HF folder
 out_dir = 'out'  # folder holding ckpt.pt
 ckpt_name = 'ckpt.pt'  # 'ckpt.pt' (the best model) | 'last.pt' (the latest state of training)
 block_size = 0  # 0: the model's context length; a smaller one crops the model to it
@@ -35,7 +36,7 @@ max_new_tokens = 500  # tokens generated per sample
 temperature = 0.8  # 1.0 samples the model's distribution, < 1.0 sharpens it, 0 is greedy
 top_k = 200  # keep only the top_k most likely tokens at each step; 0 keeps all
 stop_at_eot = True  # end a sample at the end-of-text token (where the tokenizer has one)
-kv_cache = True  # keep each layer's keys and values: ~4x faster up to block_size, same tokens; False: full forward per token
+kv_cache = True  # keep each layer's keys and values: the same tokens, faster; False: full forwards
 seed = 1337  # the same seed gives the same samples
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16'
@@ -51,7 +52,8 @@ if num_samples < 1:
     fail(f"num_samples must be at least 1, not {num_samples}")
 torch.manual_seed(seed)
 # mixed precision: matmuls in bfloat16 or float16 where the device has them
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], getattr(torch, dtype))
+ctx = nullcontext() if dtype == 'float32' else \
+    torch.autocast(device.split(':')[0], getattr(torch, dtype))
 
 # the model, and the tokenizer of the data it was trained on (GPT-2's BPE for GPT-2's weights)
 try:  # the fused attention, whatever the run trained with: its forward is the faster one, bf16
@@ -72,21 +74,24 @@ if start.startswith('FILE:'):
         with open(path, encoding='utf-8') as f:
             start = f.read()
     except UnicodeDecodeError as e:
-        fail(f"prompt file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")
+        fail(f"prompt file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+             f"{e.start})")
 if not start:
-    fail("the prompt is empty: give at least one token with --start=TEXT (the default is a newline)")
+    fail("the prompt is empty: give at least one token with --start=TEXT (the default is a "
+         "newline)")
 try:
     start_ids = tok.encode(start)
 except ValueError as e:
     fail(e)
 if len(start_ids) > model.config.block_size:
-    print(f"the prompt has {len(start_ids)} tokens; the model sees only the last {model.config.block_size}")
-x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num_samples, 1)  # (num_samples, T)
+    print(f"the prompt has {len(start_ids)} tokens; the model sees only the last "
+          f"{model.config.block_size}")
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :].repeat(num_samples, 1)  # N, T
 
 # generate
 with torch.no_grad(), ctx:
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, vocab_size=tok.n_vocab,
-                       use_cache=kv_cache)
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k,
+                       vocab_size=tok.n_vocab, use_cache=kv_cache)
 for row in y.tolist():
     new = row[len(start_ids):]
     if stop_at_eot and tok.eot in new:

@@ -70,7 +70,8 @@ def train_processes(nanogpt, processes, speedrun='', nanogpt_iters=2000, reprodu
         load0 = cpu_seconds(), time.perf_counter()
         commands = {
             name: (where, ['train.py', *NANOGPT_CPU, f'--max_iters={nanogpt_iters}',
-                           f'--lr_decay_iters={nanogpt_iters}', f'--out_dir={tmp}/out-{name}-{{k}}'])
+                           f'--lr_decay_iters={nanogpt_iters}',
+                           f'--out_dir={tmp}/out-{name}-{{k}}'])
             for name, where in (('nanoGPT', nano), ('ours', HERE))}
         if speedrun:  # its own recipe: only the whole-process time compares
             commands['speedrun'] = (HERE, ['train.py', speedrun,

@@ -29,7 +29,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropou
 
 
 def tiny(seed=0, **overrides):
-    """A freshly initialised tiny GPT in eval mode (seeded, so the same seed gives the same weights)."""
+    """A freshly initialised tiny GPT in eval mode (seeded: the same seed, the same weights)."""
     torch.manual_seed(seed)
     m = GPT(GPTConfig(**dict(TINY, **overrides)))
     m.eval()
@@ -88,8 +88,8 @@ def test_flash_and_manual_attention_agree():
 
 
 def test_manual_attention_in_a_model_cast_to_bfloat16():
-    """A model cast to bf16 (no autocast) runs the written-out attention: its causal mask takes the scores'
-    dtype (a float32 mask would be refused by baddbmm), and the logits are float32's to bf16 precision."""
+    """A model cast to bf16 (no autocast) runs the written-out attention in bf16, and its logits
+    are float32's to bf16 precision."""
     m = lively(tiny(flash=False))
     idx = random_idx()
     with torch.no_grad():
@@ -129,15 +129,18 @@ def test_causality(flash):
             changed = idx.clone()
             changed[0, t] = (idx[0, t] + 1) % 65
             logits, _ = m(changed, targets)
-            assert torch.equal(logits[:, :t], base[:, :t]), f"position {t} leaked into earlier positions"
-            assert not torch.allclose(logits[:, t], base[:, t]), f"position {t} did not change its own logits"
+            assert torch.equal(logits[:, :t], base[:, :t]), \
+                f"position {t} leaked into earlier positions"
+            assert not torch.allclose(logits[:, t], base[:, t]), \
+                f"position {t} did not change its own logits"
 
 
-@pytest.mark.parametrize('arch', [dict(flash=True), dict(flash=False), dict(rope=True, qk_norm=True, n_kv_head=1),
+@pytest.mark.parametrize('arch', [dict(flash=True), dict(flash=False),
+                                  dict(rope=True, qk_norm=True, n_kv_head=1),
                                   dict(rmsnorm=True, swiglu=True, bias=False)])
 def test_forward_without_targets_returns_last_position(arch):
-    """Without targets forward returns (B, 1, vocab) logits: the last position of the full logits, though
-    its last block computes that position only; after a cache, too, which still gets every key and value."""
+    """Without targets forward returns (B, 1, vocab) logits: the last position of the full logits;
+    after a cache, too, which still gets every key and value."""
     m = lively(tiny(**arch))
     idx = random_idx(B=2, T=11)
     kv_cache = [M.KVCache() for _ in m.transformer.h]
@@ -150,7 +153,7 @@ def test_forward_without_targets_returns_last_position(arch):
     assert last.shape == (2, 1, 65) and no_loss is None
     torch.testing.assert_close(last, full[:, [-1], :], atol=1e-5, rtol=0)
     torch.testing.assert_close(after_cache, full[:, [-1], :], atol=1e-5, rtol=0)
-    assert all(len(c) == 11 for c in kv_cache)  # the last block's keys and values of all 11 positions
+    assert all(len(c) == 11 for c in kv_cache)  # every block's keys and values of all 11 positions
 
 
 def test_forward_longer_than_block_size_raises():
@@ -171,7 +174,8 @@ def test_weight_tying_survives_an_optimizer_step():
     wte, head = m.transformer.wte.weight, m.lm_head.weight
     assert wte.data_ptr() == head.data_ptr()
     before = wte.detach().clone()
-    opt = m.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type='cpu')
+    opt = m.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95),
+                                 device_type='cpu')
     _, loss = m(random_idx(), random_idx(seed=2))
     loss.backward()
     opt.step()
@@ -181,9 +185,10 @@ def test_weight_tying_survives_an_optimizer_step():
 
 
 def test_optimizer_groups_cover_each_parameter_once():
-    """Every parameter is in exactly one group; matrices and embeddings decay, 1-D tensors do not."""
+    """Every parameter is in exactly one group; matrices and embeddings decay, 1-D tensors not."""
     m = tiny()
-    opt = m.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type='cpu')
+    opt = m.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
+                                 device_type='cpu')
     params = list(m.parameters())
     grouped = [p for g in opt.param_groups for p in g['params']]
     assert len(grouped) == len(params) == len({id(p) for p in grouped})
@@ -221,7 +226,7 @@ def test_gpt2_initialisation():
 
 
 def hand_count(L, C, V, T):
-    """Parameters of a GPT with biases, written out layer by layer (wte and lm_head tied: counted once)."""
+    """Parameters of a GPT with biases, layer by layer (wte and lm_head tied: counted once)."""
     per_block = (
         2 * C  # ln_1 weight, bias
         + 3 * C * C + 3 * C  # attn.c_attn
@@ -241,7 +246,8 @@ def test_get_num_params():
     assert m.get_num_params(non_embedding=True) == total - m.transformer.wpe.weight.numel()
     assert m.get_num_params() == m.get_num_params(non_embedding=True)  # the default
     c = hand_count(L=2, C=32, V=65, T=16)
-    assert m.get_num_params(non_embedding=False) == sum(c.values()) == 2 * (12 * 32 ** 2 + 13 * 32) + 65 * 32 + 16 * 32 + 2 * 32
+    by_formula = 2 * (12 * 32 ** 2 + 13 * 32) + 65 * 32 + 16 * 32 + 2 * 32
+    assert m.get_num_params(non_embedding=False) == sum(c.values()) == by_formula
     assert m.get_num_params(non_embedding=True) == sum(c.values()) - c['wpe']
     # a known value: blocks 25,408 + wte 2,080 + wpe 512 + ln_f 64
     assert sum(c.values()) == 28_064
@@ -258,7 +264,7 @@ def test_get_num_params_gpt2_124m():
 
 
 def test_flops_per_token_and_mfu():
-    """flops_per_token = 6 N + 12 L H Q T (PaLM appendix B); estimate_mfu divides the rate by the peak."""
+    """flops_per_token = 6 N + 12 L H Q T (PaLM appendix B); estimate_mfu: rate over peak."""
     m = tiny()
     L, H, C, T = 2, 2, 32, 16
     Q = C // H
@@ -266,7 +272,8 @@ def test_flops_per_token_and_mfu():
     expected = 6 * N + 12 * L * H * Q * T
     assert m.flops_per_token() == expected == 6 * 27_552 + 12 * 2 * 2 * 16 * 16
     # 1000 tokens in 0.5 s against a peak of 1e9 FLOP/s
-    assert m.estimate_mfu(tokens_per_iter=1000, dt=0.5, peak_flops=1e9) == pytest.approx(expected * 1000 / 0.5 / 1e9)
+    mfu = m.estimate_mfu(tokens_per_iter=1000, dt=0.5, peak_flops=1e9)
+    assert mfu == pytest.approx(expected * 1000 / 0.5 / 1e9)
 
 
 # -----------------------------------------------------------------------------
@@ -297,7 +304,7 @@ def test_generate_past_block_size_crops_the_context():
     out = m.generate(idx, max_new_tokens=bs + 5, temperature=0)
     assert out.shape == (2, 2 * bs + 5)
     assert torch.equal(out[:, :bs], idx)
-    # the new tokens vary, so a model fed the wrong window (say the first block_size tokens) would differ
+    # the new tokens vary, so a model fed the wrong window (the first block_size tokens) differs
     assert len(set(out[:, bs:].flatten().tolist())) > 1
     with torch.no_grad():
         for t in range(bs, 2 * bs + 5):
@@ -323,7 +330,8 @@ def test_generate_top_k():
     assert wide.shape == (2, 11) and int(wide.max()) < 65
     assert torch.equal(wide, untruncated)  # k >= vocab removes nothing: the same samples
     torch.manual_seed(0)
-    assert torch.equal(m.generate(idx, max_new_tokens=8, temperature=1.0, top_k=0), untruncated)  # 0 keeps all
+    all_kept = m.generate(idx, max_new_tokens=8, temperature=1.0, top_k=0)  # top_k=0 keeps all
+    assert torch.equal(all_kept, untruncated)
     greedy = m.generate(idx, max_new_tokens=8, temperature=0)
     torch.manual_seed(0)
     top1 = m.generate(idx, max_new_tokens=8, temperature=1.0, top_k=1)
@@ -362,20 +370,24 @@ def test_forward_with_kv_cache_matches_full_forward(flash):
         full, _ = m(idx, targets)
         pieces = [m(idx[:, a:b], targets[:, a:b].contiguous(), kv_cache=kv_cache)[0]
                   for a, b in ((0, 5), (5, 6), (6, 9), (9, 16))]
-    assert all(len(c) == 16 for c in kv_cache) and kv_cache[0].k.shape == (3, 2, 16, 16)  # (B, nh, T, hs)
+    assert all(len(c) == 16 for c in kv_cache)
+    assert kv_cache[0].k.shape == (3, 2, 16, 16)  # (B, nh, T, hs)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match=r'16 cached \+ 1 new.*16'):  # no position left for a 17th token
+    # no position left for a 17th token
+    with pytest.raises(ValueError, match=r'16 cached \+ 1 new.*16'):
         m(idx[:, :1], kv_cache=kv_cache)
 
 
-def generate_recording(m, idx, **kwargs):
+def generate_recording(m, idx, max_new_tokens, **kwargs):
     """generate(), plus what each of its steps fed to the model (the number of tokens) and the
     next-token logits it got, read with forward hooks."""
     lengths, logits = [], []
-    hooks = [m.transformer.wte.register_forward_hook(lambda mod, args, out: lengths.append(args[0].size(1))),
-             m.lm_head.register_forward_hook(lambda mod, args, out: logits.append(out[:, -1, :].clone()))]
+    hooks = [m.transformer.wte.register_forward_hook(
+                 lambda mod, args, out: lengths.append(args[0].size(1))),
+             m.lm_head.register_forward_hook(
+                 lambda mod, args, out: logits.append(out[:, -1, :].clone()))]
     try:
-        out = m.generate(idx, **kwargs)
+        out = m.generate(idx, max_new_tokens, **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -390,11 +402,12 @@ def test_cached_generate_logits_equal_uncached(flash):
     m = lively(tiny(flash=flash))
     idx = random_idx(B=3, T=4)
     n = 2 * 16 + 5
-    cached, len_c, logits_c = generate_recording(m, idx, max_new_tokens=n, temperature=0, use_cache=True)
-    plain, len_p, logits_p = generate_recording(m, idx, max_new_tokens=n, temperature=0, use_cache=False)
+    cached, len_c, logits_c = generate_recording(m, idx, n, temperature=0, use_cache=True)
+    plain, len_p, logits_p = generate_recording(m, idx, n, temperature=0, use_cache=False)
     assert torch.equal(cached, plain)
     assert cached.shape == (3, 4 + n) and len(set(cached[:, 4:].flatten().tolist())) > 1
-    assert len_c == [4] + [1] * 12 + [16] * (n - 13)  # tokens 5..16 from the cache, then the window slides
+    # tokens 5..16 from the cache, then the window slides
+    assert len_c == [4] + [1] * 12 + [16] * (n - 13)
     assert len_p == list(range(4, 17)) + [16] * (n - 13)
     assert len(logits_c) == len(logits_p) == n
     for t, (a, b) in enumerate(zip(logits_c, logits_p)):
@@ -410,7 +423,8 @@ def test_cached_sampling_equals_uncached(flash):
     outs = []
     for use_cache in (True, False):
         torch.manual_seed(7)
-        outs.append(m.generate(idx, max_new_tokens=30, temperature=1.0, top_k=10, use_cache=use_cache))
+        outs.append(m.generate(idx, max_new_tokens=30, temperature=1.0, top_k=10,
+                               use_cache=use_cache))
     assert torch.equal(outs[0], outs[1])
     assert len({tuple(row) for row in outs[0][:, 2:].tolist()}) == 4  # four different samples
 
@@ -421,11 +435,11 @@ def test_kv_cache_under_bfloat16_autocast():
     m = lively(tiny())
     idx = random_idx(B=2, T=3)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        _, _, logits_c = generate_recording(m, idx, max_new_tokens=10, temperature=0, use_cache=True)
+        _, _, logits_c = generate_recording(m, idx, 10, temperature=0, use_cache=True)
         kv_cache = [M.KVCache() for _ in m.transformer.h]
         with torch.no_grad():
             m(idx, kv_cache=kv_cache)
-        _, _, logits_p = generate_recording(m, idx, max_new_tokens=10, temperature=0, use_cache=False)
+        _, _, logits_p = generate_recording(m, idx, 10, temperature=0, use_cache=False)
     assert kv_cache[0].k.dtype == torch.bfloat16
     # the first steps share their context (later ones may draw a different token after a near-tie)
     for a, b in zip(logits_c[:3], logits_p[:3]):

@@ -52,9 +52,9 @@ def test_load_checkpoint(tmp_path, prefix):
 
 
 def test_loading_draws_no_weights(tmp_path):
-    """load_checkpoint builds the model on the 'meta' device without GPT-2's initialisation: no random
-    number is drawn (the random state is as before), no memory is spent on weights overwritten next,
-    and the weights are the file's tensors."""
+    """load_checkpoint builds the model without GPT-2's initialisation, and what nn.Linear and
+    nn.Embedding draw leaves the random state as before (sample.py seeds, then loads, then draws);
+    the weights are the file's tensors."""
     m = tiny()
     save_checkpoint(m, tmp_path / 'ckpt.pt')
     state = torch.get_rng_state()

@@ -93,8 +93,8 @@ def test_resume_is_bit_identical(repo, straight, twelve):
 
 
 def test_watching_does_not_change_the_run(repo, straight, twelve):
-    """A sampled continuation printed at each evaluation draws random numbers, but puts the
-    random state back: the losses are those of the run without it."""
+    """A sampled continuation printed at each evaluation draws random numbers, from a generator of
+    its own: the run's random state is untouched, the losses are those of the run without it."""
     assert len(re.findall(r"^sample: .ROMEO:", twelve.stdout, re.M)) == 3  # at 0, 6 and 12
     assert logged(twelve.stdout, 'loss') == {i: loss for i, loss in logged(straight.stdout, 'loss').items() if i < 12}
     assert not (repo / 'out-12' / 'loss.png').exists()  # plot=False: evaluations to watch, but nothing drawn
