@@ -218,7 +218,7 @@ def export():
           f"heads, {model.config.n_embd} wide, vocab {tok.n_vocab:,}, context "
           f"{model.config.block_size}; {written}")
     if gguf:
-        print(f"wrote {gguf}: {gguf_summary}")
+        print(f"{gguf_summary}; run it with llama.cpp: llama-cli -m {gguf}")
     print(f"load it with: AutoModelForCausalLM.from_pretrained('{hf_dir}') (transformers), or "
           f"python sample.py --init_from={hf_dir}")
 

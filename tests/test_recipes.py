@@ -39,8 +39,10 @@ def test_recipe_builds_a_gpt_config(name):
     if c['init_from'] == 'scratch':  # the size it trains at; GPTConfig refuses what does not fit together
         vocab = 65 if c['dataset'] == 'shakespeare_char' else 50304
         GPTConfig(**{k: c[k] for k in MODEL_KEYS if k != 'flash'}, vocab_size=vocab)
-    elif c['init_from'].endswith('.pt'):  # another run's checkpoint: the quickstart's model, finetuned
-        assert c['init_from'] == recipe('train_shakespeare_char_cpu.py')['out_dir'] + '/ckpt.pt'
+    elif c['init_from'].endswith('.pt'):  # the quickstart's model, or a run the recipe says how to make
+        base, text = os.path.dirname(c['init_from']), open(os.path.join(ROOT, 'config', name)).read()
+        assert c['init_from'].endswith('/ckpt.pt')
+        assert base == recipe('train_shakespeare_char_cpu.py')['out_dir'] or f'--out_dir={base}' in text
     else:  # GPT-2's weights, of one of the four sizes
         n_layer, n_head, n_embd = GPT2_SIZES[c['init_from']]
         GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257)
@@ -78,6 +80,9 @@ def gpt2_data(repo, tmp_path_factory):  # noqa: F811
     run(repo, 'prepare.py', 'letters_chat')
     chats = str(repo / 'data' / 'letters_chat' / 'conversations.jsonl')
     run(repo, 'prepare.py', 'letters_chat_gpt2', f'--input={chats}', '--tokenizer=gpt2')
+    shutil.copytree(os.path.join(ROOT, 'data', 'letters_prefs'), repo / 'data' / 'letters_prefs',
+                    dirs_exist_ok=True)  # DPO's pairs
+    run(repo, 'prepare.py', 'letters_prefs')
     return dict(gpt2=folder)
 
 
@@ -102,7 +107,10 @@ def trained(repo, gpt2_data):  # noqa: F811
         if c['eval_hellaswag']:  # its file is downloaded (no network here); test_eval.py scores it during training
             overrides['eval_hellaswag'] = 0
         if c['init_from'].endswith('.pt'):  # the base recipe's run (tiny, 2 iterations): its last.pt, as ckpt.pt is
-            base = train('train_shakespeare_char_cpu.py')[0]  # written only if 2 steps lowered the val loss
+            # written only if 2 steps lowered the val loss; DPO's base is an SFT run (its recipe's is on
+            # letters_styles: the same characters and template as letters_chat)
+            sft = c['dataset'] == 'letters_prefs'
+            base = train('finetune_chat_cpu.py' if sft else 'train_shakespeare_char_cpu.py')[0]
             overrides.update(init_from=str(repo / base['out_dir'] / 'last.pt'), block_size=16, batch_size=1)
         elif c['dataset'] not in ('shakespeare_char', 'shakespeare', 'letters_chat'):  # GPT-2 BPE, as theirs
             overrides['dataset'] = 'shakespeare'
