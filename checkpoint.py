@@ -181,7 +181,8 @@ def load_checkpoint(path, device, optimizer=True, mmap=True, **overrides):
 def with_adapters(lora, config, adapters):
     """The model of a LoRA checkpoint (lora: its 'lora' entry): the base it names, cropped and grown
     as its run did, with the adapters (and the rows of new tokens) it trained (lora.py)."""
-    model, _, _ = load_model(lora['base'], 'cpu', dropout=config.dropout, flash=config.flash)
+    model, _, _ = load_model(lora['base'], 'cpu', tokenizer=False, dropout=config.dropout,
+                             flash=config.flash)
     model.train()
     if config.block_size < model.config.block_size:
         model.crop_block_size(config.block_size)
@@ -379,7 +380,7 @@ def hold_out_dir(out_dir, master, device, ddp, log=print):
 
 
 def load_model(source, device='cpu', ckpt_name='ckpt.pt', block_size=0, dtype='float32',
-               **overrides):
+               tokenizer=True, **overrides):
     """(model, tokenizer, checkpoint) from source, in eval mode on device:
     - a run's out_dir (train.py's or nanoGPT's): its ckpt_name, with its dataset's tokenizer;
     - a checkpoint file (path/to/last.pt), likewise;
@@ -387,9 +388,10 @@ def load_model(source, device='cpu', ckpt_name='ckpt.pt', block_size=0, dtype='f
       'HuggingFaceTB/SmolLM2-135M'), with its tokenizer.json (GPT-2's BPE for GPT-2's weights
       without one) and chat template; checkpoint None.
     block_size: 0 keeps the model's context, a smaller one crops it. dtype: a folder's weights in
-    'bfloat16' take half the memory of 'float32' (to sample; training keeps float32). overrides:
-    dropout, flash. A ValueError or DataError says in one line what is wrong; an ImportError
-    names a pip install."""
+    'bfloat16' take half the memory of 'float32' (to sample; training keeps float32).
+    tokenizer=False: a checkpoint's model without its dataset's tokenizer (None), for which the
+    data need not be here. overrides: dropout, flash. A ValueError or DataError says in one line
+    what is wrong; an ImportError names a pip install."""
     if is_hub_model(source) or os.path.isfile(os.path.join(source, 'config.json')):
         folder = source if os.path.isdir(source) else download_model(source)
         model = from_pretrained(folder, device, getattr(torch, dtype), **overrides)
@@ -403,16 +405,17 @@ def load_model(source, device='cpu', ckpt_name='ckpt.pt', block_size=0, dtype='f
         path = source if os.path.isfile(source) else find_checkpoint(source, ckpt_name)
         model, checkpoint = load_checkpoint(path, device, optimizer=False, **overrides)
         merge_lora(model)  # a LoRA run's adapters folded into the weights they adapt
-        dataset = checkpoint.get('config', {}).get('dataset')
-        if dataset is None:
-            raise ValueError(f"{path} does not say which dataset it was trained on "
-                             f"(config['dataset'])")
-        meta = load_meta(os.path.join(DATA_DIR, dataset))
-        tok = load_tokenizer(meta, os.path.join(DATA_DIR, dataset))
-        if meta['vocab_size'] > model.config.vocab_size:
-            raise DataError(f"data/{dataset} now has a vocabulary of {meta['vocab_size']:,}, but "
-                            f"the model was trained on {model.config.vocab_size:,}: prepare the "
-                            f"dataset again as it was for this model")
+        dataset, tok = checkpoint.get('config', {}).get('dataset'), None
+        if tokenizer:  # the tokenizer of the data the model learned
+            if dataset is None:
+                raise ValueError(f"{path} does not say which dataset it was trained on "
+                                 f"(config['dataset'])")
+            meta = load_meta(os.path.join(DATA_DIR, dataset))
+            tok = load_tokenizer(meta, os.path.join(DATA_DIR, dataset))
+            if meta['vocab_size'] > model.config.vocab_size:
+                raise DataError(f"data/{dataset} now has a vocabulary of {meta['vocab_size']:,}, "
+                                f"but the model was trained on {model.config.vocab_size:,}: "
+                                f"prepare the dataset again as it was for this model")
     if block_size > model.config.block_size:
         raise ValueError(f"block_size {block_size} is larger than the model's "
                          f"{model.config.block_size}: it has no position embeddings beyond that; "

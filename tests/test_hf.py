@@ -20,21 +20,13 @@ from checkpoint import load_checkpoint  # noqa: E402
 from hf_models import from_pretrained  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 from test_scripts import ROOT, TINY, assert_one_line_error, repo, run  # noqa: E402,F401 (repo is a fixture)
+from test_model import one_thread  # noqa: F401 (an autouse fixture: one torch thread)
 
 TOL = 1e-5  # float32 logits of the two implementations agree to rounding
 # text that exercises GPT-2's pre-tokenizer: contractions, runs of spaces, digits, newlines,
 # accents, CJK, an emoji (4 UTF-8 bytes), tabs and carriage returns
 TEXT = ("Hello world! I'm sure they'll say we've done it, don't you?\n\n   Three spaces, 12345678 digits;\t"
         "tab\r\nCRLF. Ça, c'est très bien — 中文字符, emoji 😀 and a trailing space ")
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny matmuls gain nothing from threads (see test_model.py); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lively_(params, seed=0, std=0.2):

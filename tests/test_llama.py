@@ -17,6 +17,7 @@ transformers = pytest.importorskip('transformers')  # a test requirement, not a 
 
 from hf_models import from_pretrained  # noqa: E402
 from test_scripts import ROOT, assert_one_line_error, repo, run  # noqa: E402,F401 (repo is a fixture)
+from test_model import one_thread  # noqa: F401 (an autouse fixture: one torch thread)
 
 TOL = 1e-4  # float32 logits of the two implementations (the bound)
 # ChatML, the layout of SmolLM2-Instruct's and Qwen's templates
@@ -29,14 +30,6 @@ SHAPES = {  # (config class, arguments): what each tiny model exercises
     'llama_bias': ('LlamaConfig', dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
     'qwen3': ('Qwen3Config', dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
 }
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def bpe_tokenizer(folder):

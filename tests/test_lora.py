@@ -18,15 +18,7 @@ from peft import LoraConfig, get_peft_model
 from lora import (add_lora, adapters_off, load_lora_state_dict, lora_state_dict, merge_lora, store_frozen,
                   train_new_rows)
 from model import GPT, GPTConfig
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread: one, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_model import one_thread  # noqa: F401 (an autouse fixture: one torch thread)
 
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
