@@ -61,11 +61,14 @@ def peak_and_estimate(repo, batch_size):
     come from mmap and go back on free: the resident peak is then the peak of the live tensors, the same in
     every run, not what the heap happens to keep (25-55% more here, varying from run to run)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='131072', OMP_NUM_THREADS='1')
-    # The peak comes from a small launcher's RUSAGE_CHILDREN: Linux carries a process's maxrss over fork and exec,
-    # so a train.py started straight from this (large) pytest process would report at least this one's size
-    launcher = ('import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); '
-                'print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)')
-    out = subprocess.run([sys.executable, '-c', launcher, sys.executable, 'train.py', *MEMORY,
+    # train.py runs (runpy) in a process that prints its own peak when the script is done, before the
+    # interpreter's teardown, which with torch's CUDA build pages in more than a step of this size needs.
+    # That process starts from a small launcher: Linux carries a process's maxrss over fork and exec, so
+    # one started straight from this (large) pytest process would report at least this one's size
+    script = ('import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], '
+              'run_name="__main__"); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)')
+    launcher = 'import subprocess, sys; subprocess.run(sys.argv[1:], check=True)'
+    out = subprocess.run([sys.executable, '-c', launcher, sys.executable, '-c', script, 'train.py', *MEMORY,
                           f'--batch_size={batch_size}', '--gradient_accumulation_steps=1', '--max_iters=1',
                           '--eval_interval=100', f'--out_dir=out-mem{batch_size}'],
                          cwd=repo, capture_output=True, text=True, env=env, check=True).stdout
