@@ -87,11 +87,14 @@ def test_bench_against_nanogpt_whole_processes(repo):  # noqa: F811
 
 def test_bench_prepare_report(repo):  # noqa: F811
     p = run(repo, 'bench.py', '--mode=prepare', '--mb=0.05')
-    lines = {k: line for line in p.stdout.splitlines() for k in ('end to end', 'one core', 'share', 'peak')
+    lines = {k: line for line in p.stdout.splitlines() for k in ('end to end', 'on one core', 'share', 'peak')
              if k in line}
     assert len(lines) == 4, p.stdout
-    assert numbers(lines['end to end'])[0] > 0 and numbers(lines['one core'])[0] > 0
-    assert numbers(lines['share'].split(':')[1])[0] > 0 and numbers(lines['peak'])[0] > 0
+    end_to_end, one_core = numbers(lines['end to end'])[0], numbers(lines['on one core'])[0]
+    assert end_to_end > 0 and one_core > 0 and numbers(lines['peak'])[0] > 0
+    # the share is end to end over the cores' limit, in whole percent (0 % or 1 % on this tiny corpus)
+    cores, share = numbers(lines['share'].split('(')[1])[0], numbers(lines['share'].split(':')[1])[0]
+    assert share == pytest.approx(100 * end_to_end / (cores * one_core), abs=1), lines['share']
     assert re.search(r'GPT-2 BPE, 0\.05\d* MB corpus, [1-9][0-9,]* tokens', p.stdout), p.stdout
     assert not (repo / 'data' / '_bench_prepare').exists()  # its dataset is removed afterwards
 
