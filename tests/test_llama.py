@@ -5,10 +5,13 @@ a chat template, then loaded by hf_models.from_pretrained and by the real script
 chat.py, train.py, export_hf.py) as subprocesses. Offline, CPU, float32.
 """
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
+import urllib.parse
 
 import pytest
 import torch
@@ -92,19 +95,82 @@ def test_logits_equal_transformers(folder):
         (hf.config.tie_word_embeddings, True)
 
 
-def test_sample_greedy_equals_transformers_generate(repo, folder):
-    path, hf = folder
+def greedy_text(path, hf, start, n):
+    """transformers' greedy continuation of start by n tokens, decoded as sample.py prints it."""
     hf_tok = transformers.AutoTokenizer.from_pretrained(path)
-    prompt = hf_tok.encode('ROMEO: But soft', add_special_tokens=False)
+    prompt = hf_tok.encode(start, add_special_tokens=False)
     gen = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                      max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist()
+                      max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist()
     eot = hf_tok.convert_tokens_to_ids('<|endoftext|>')
     new = gen[len(prompt):]
     new = new[:new.index(eot)] if eot in new else new  # sample.py stops at the end-of-text token
+    return hf_tok.decode(prompt + new).replace('\r\n', '\n').replace('\r', '\n')  # as a pipe reads it
+
+
+def test_sample_greedy_equals_transformers_generate(repo, folder):
+    path, hf = folder
     p = run(repo, 'sample.py', f'--init_from={path}', '--start=ROMEO: But soft', '--temperature=0',
             '--max_new_tokens=12', '--num_samples=1', '--device=cpu', '--dtype=float32')
-    text = hf_tok.decode(prompt + new).replace('\r\n', '\n').replace('\r', '\n')  # as a pipe reads it
-    assert p.stdout.split('\n---------------')[0] == text
+    assert p.stdout.split('\n---------------')[0] == greedy_text(path, hf, 'ROMEO: But soft', 12)
+
+
+def stand_in_hub(folder, repo_id):
+    """An HTTP server on 127.0.0.1 that answers huggingface_hub as the hub would for repo_id, whose
+    files are folder's, at one commit: the revision, the file tree, each file's headers and bytes."""
+    sha, files = '1' * 40, sorted(os.listdir(folder))
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def answer(self, body, headers=()):
+            self.send_response(200)
+            for k, v in (('Content-Length', str(len(body))), *headers):
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command == 'GET':
+                self.wfile.write(body)
+
+        def do_GET(self):
+            path = urllib.parse.urlparse(self.path).path
+            if path == f'/api/models/{repo_id}/revision/main':
+                return self.answer(json.dumps(dict(id=repo_id, sha=sha)).encode())
+            if path == f'/api/models/{repo_id}/tree/{sha}':
+                return self.answer(json.dumps([dict(type='file', path=f, oid=f, size=os.path.getsize(
+                    os.path.join(folder, f))) for f in files]).encode())
+            name = path.removeprefix(f'/{repo_id}/resolve/{sha}/')
+            if name in files:
+                body = open(os.path.join(folder, name), 'rb').read()
+                return self.answer(body, [('X-Repo-Commit', sha), ('ETag', f'"{len(body)}-{name}"')])
+            self.send_response(404)
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+        do_HEAD = do_GET
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_hub_repository_downloads_through_hf_endpoint(repo, tmp_path):
+    """init_from='someone/tiny' (a repository name, not a folder): downloads.download_model fetches it
+    with huggingface_hub from a stand-in hub (HF_ENDPOINT) into an empty HF_HOME, and sample.py then
+    continues the prompt as transformers does with the same weights (Qwen3's shape: one is enough)."""
+    path = tmp_path / 'served'
+    hf = tiny_llama(path, 'qwen3')
+    home = tmp_path / 'hf-home'
+    server = stand_in_hub(path, 'someone/tiny')
+    env = dict(os.environ, HF_ENDPOINT=f'http://127.0.0.1:{server.server_port}', HF_HOME=str(home))
+    try:
+        p = subprocess.run([sys.executable, 'sample.py', '--init_from=someone/tiny', '--start=ROMEO: But soft',
+                            '--temperature=0', '--max_new_tokens=12', '--num_samples=1', '--device=cpu',
+                            '--dtype=float32'], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split('\n---------------')[0] == greedy_text(path, hf, 'ROMEO: But soft', 12)
+    cached = {f.name for f in home.rglob('*') if f.is_file() and 'snapshots' in f.parts}
+    assert {'config.json', 'model.safetensors', 'tokenizer.json'} <= cached, cached
 
 
 def test_refused_folders_get_one_line(repo, tmp_path):
