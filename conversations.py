@@ -89,6 +89,10 @@ def pair_messages(record):
         raise ValueError(f"a preference pair needs 'chosen' and 'rejected' (and 'prompt' unless "
                          f"they are whole conversations): {', '.join(repr(k) for k in missing)} "
                          f"missing (it has {', '.join(sorted(map(str, record))) or 'nothing'})")
+    texts = isinstance(record['chosen'], str) or isinstance(record['rejected'], str)
+    if texts and 'prompt' not in record:  # replies alone: to what?
+        raise ValueError(f"a preference pair whose replies are texts needs a 'prompt': 'prompt' "
+                         f"missing (it has {', '.join(sorted(map(str, record)))})")
     prompt = record.get('prompt', [])
     prompt = [dict(role='user', content=prompt)] if isinstance(prompt, str) else prompt
     replies = []
@@ -333,7 +337,8 @@ def encode_conversations(name, records, tokenizer, vocab_size, val_fraction, tem
     out_dir = os.path.dirname(tmp['meta.json'])
     convs, skipped, pairs = [], 0, None
     for where, split, record in records():
-        pairs = 'chosen' in record if pairs is None and isinstance(record, dict) else pairs
+        if pairs is None and isinstance(record, dict):  # the first record says what the file holds
+            pairs = 'chosen' in record or 'rejected' in record
         try:
             if pairs:  # two conversations: the same prompt, the chosen and the rejected reply
                 prompt, chosen, rejected = pair_messages(record)

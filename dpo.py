@@ -11,8 +11,8 @@ the model being trained (the policy) and under the model it started from (the re
 
 At the start the policy is the reference: every margin is 0 and the loss ln 2 = 0.693. beta sets
 how far the policy may move from the reference (the paper: 0.1 to 0.5). train.py trains with it
-(dpo_beta > 0, on a dataset of pairs: prepare.py); docs/chat.md says what to look at when the loss
-stays at ln 2 or the margin explodes.
+(dpo_beta > 0, on a dataset of pairs: prepare.py); docs/finetune.md says what to look at when the
+loss stays at ln 2 or the margin explodes.
 
     prefs = Preferences(batches, dpo_beta, batch_size, block_size)
     prefs.reference(model, ctx, device)                 # the start's log-probabilities, once

@@ -162,7 +162,7 @@ token_bytes = torch.tensor(tok.token_bytes(), device=device)  # UTF-8 bytes per 
 if bool(dpo_beta) != ('train_pairs' in meta):  # preference pairs train with DPO, and only they
     fail(f"data/{dataset} is {'a' if 'train_pairs' in meta else 'no'} dataset of preference pairs, "
          f"and dpo_beta = {dpo_beta}: DPO (dpo_beta > 0, 0.1 say) trains on pairs of 'chosen' and "
-         f"'rejected' replies, prepared with a chat template (prepare.py, docs/chat.md)")
+         f"'rejected' replies, prepared with a chat template (prepare.py, docs/finetune.md)")
 batches = Batches(dataset, meta)  # the files opened once, now that they were found whole
 
 

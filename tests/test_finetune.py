@@ -134,6 +134,20 @@ def test_lora_refuses_what_it_cannot_do(repo):
     assert_one_line_error(p, 'fsdp=True')
 
 
+def test_lora_checkpoint_refuses_a_changed_base(repo):
+    """A LoRA checkpoint holds its base's path and fingerprint: a base changed since it was trained
+    (retrained, another file at its path) is refused in one line, not adapted silently."""
+    shutil.copytree(repo / 'out-base', repo / 'out-base-copy')
+    run(repo, 'train.py', '--dataset=letters_chat', *TUNE[:-1], '--init_from=out-base-copy/ckpt.pt', *LORA,
+        '--max_iters=2', '--eval_interval=2', '--lr_decay_iters=2', '--out_dir=out-lora-changed')
+    run(repo, 'sample.py', '--out_dir=out-lora-changed', '--max_new_tokens=2', '--device=cpu')  # as trained
+    base = torch.load(repo / 'out-base-copy' / 'ckpt.pt', weights_only=True)
+    base['model']['transformer.ln_f.weight'] += 0.01
+    torch.save(base, repo / 'out-base-copy' / 'ckpt.pt')
+    p = run(repo, 'sample.py', '--out_dir=out-lora-changed', '--max_new_tokens=2', '--device=cpu', ok=False)
+    assert_one_line_error(p, 'out-base-copy/ckpt.pt, has changed since they were trained')
+
+
 # -----------------------------------------------------------------------------
 # DPO
 
@@ -205,6 +219,11 @@ def test_dpo_bad_input_gets_one_line(repo, styles_run, tmp_path):
                    + json.dumps(dict(prompt='abd', chosen='ABD!')) + '\n')
     p = run(repo, 'prepare.py', 'bad_prefs', f'--input={bad}', '--tokenizer=data/shakespeare_char', ok=False)
     assert_one_line_error(p, f'{bad}:2', "'rejected' missing")
+    for record, missing in ((dict(chosen='ABC!', rejected='ABC.'), 'prompt'),  # texts: replies to what?
+                            (dict(prompt='abc', rejected='ABC.'), 'chosen')):  # a first record too is a pair
+        bad.write_text(json.dumps(record) + '\n')
+        p = run(repo, 'prepare.py', 'bad_prefs', f'--input={bad}', '--tokenizer=data/shakespeare_char', ok=False)
+        assert_one_line_error(p, f'{bad}:1', f"'{missing}' missing")
     p = run(repo, 'train.py', '--dataset=letters_styles', *TUNE[:-1], '--init_from=out-styles/ckpt.pt',
             '--dpo_beta=0.1', '--out_dir=out-no', ok=False)
     assert_one_line_error(p, 'no dataset of preference pairs', "'chosen' and 'rejected'")

@@ -22,8 +22,9 @@ from test_model import one_thread  # noqa: F401 (an autouse fixture: one torch t
 
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
-VARIANTS = [dict(), dict(bias=False), dict(swiglu=True), dict(bias=False, swiglu=True)]
-IDS = ['gpt2', 'nobias', 'swiglu', 'nobias-swiglu']
+VARIANTS = [dict(), dict(bias=False), dict(swiglu=True), dict(bias=False, swiglu=True),
+            dict(rope=True, rmsnorm=True, swiglu=True, qk_norm=True, n_kv_head=1, bias=False)]
+IDS = ['gpt2', 'nobias', 'swiglu', 'nobias-swiglu', 'qwen3']
 TARGETS = ['c_attn', 'c_proj', 'c_fc']
 KNOWN = 45  # ids 45..49 play the new tokens
 
