@@ -20,19 +20,18 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+import batches
+import checkpoint
 import configurator
-from batches import Batches, eval_stream, step_seed, train_stream
-from checkpoint import (fit_vocab, hold_out_dir, load_model, resume_checkpoint, resume_optimizer,
-                        save_run)
-from devices import StopSignals, compile_checked, peak_flops, resolve
+import devices
+import memory
+import scoring
+import tokenizer
 from dpo import Preferences
 from lora import adapt, store_frozen
-from memory import exit_on_oom, memory_report
 from model import GPT, GPTConfig
 from muon import make_optimizer
 from plot import RunLog
-from scoring import HellaSwag, score_sums
-from tokenizer import load_dataset, need
 
 # -----------------------------------------------------------------------------
 # settings
@@ -129,7 +128,7 @@ if lora_rank and (init_from == 'scratch' or sharded or optimizer != 'adamw'):
          f"optimizer={optimizer!r}, fsdp={fsdp})")
 try:  # each 'auto' becomes this machine's choice; under torchrun each process takes its own GPU
     local_rank = int(os.environ['LOCAL_RANK']) if ddp else None
-    device, dtype, compile, flash = resolve(device, dtype, compile, flash, local_rank)
+    device, dtype, compile, flash = devices.resolve(device, dtype, compile, flash, local_rank)
 except ValueError as e:
     fail(e)
 if ddp:  # NCCL between GPUs; Gloo between CPU processes (how the tests run it) and on Windows
@@ -142,20 +141,20 @@ torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere+ GPUs; no e
 # mixed precision: matmuls in bfloat16 or float16, while weights and optimizer stay in float32
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, getattr(torch, dtype))
 try:  # one run per out_dir, which must be writable: found now, not when the first save is due
-    hold_out_dir(out_dir, master, device, ddp, log)
+    checkpoint.hold_out_dir(out_dir, master, device, ddp, log)
 except ValueError as e:
     fail(e)
 
 # -----------------------------------------------------------------------------
 # data
 try:  # meta.json whole, each .bin as long as it says, and the tokenizer the data was made with
-    meta, tok = load_dataset(dataset)
+    meta, tok = tokenizer.load_dataset(dataset)
     if eval_hellaswag and meta['tokenizer']['type'] != 'gpt2':
         fail(f"eval_hellaswag needs data in GPT-2's BPE, but data/{dataset} is tokenized as "
              f"'{meta['tokenizer']['type']}' (eval.py --task=hellaswag scores any model)")
-    hellaswag = HellaSwag(tok, eval_hellaswag) if eval_hellaswag else None  # read now, not later
+    hellaswag = scoring.HellaSwag(tok, eval_hellaswag) if eval_hellaswag else None  # read it now
     sample_ids = tok.encode(eval_sample) if eval_sample else []
-    wandb = need('wandb', 'wandb') if wandb_log and master else None  # (a missing library: now)
+    wandb = tokenizer.need('wandb', 'wandb') if wandb_log and master else None  # or say it now
 except ValueError as e:
     fail(e)
 token_bytes = torch.tensor(tok.token_bytes(), device=device)  # UTF-8 bytes per id: bits per byte
@@ -163,13 +162,13 @@ if bool(dpo_beta) != ('train_pairs' in meta):  # preference pairs train with DPO
     fail(f"data/{dataset} is {'a' if 'train_pairs' in meta else 'no'} dataset of preference pairs, "
          f"and dpo_beta = {dpo_beta}: DPO (dpo_beta > 0, 0.1 say) trains on pairs of 'chosen' and "
          f"'rejected' replies, prepared with a chat template (prepare.py, docs/finetune.md)")
-batches = Batches(dataset, meta)  # the files opened once, now that they were found whole
+data = batches.Batches(dataset, meta)  # the files opened once, now that they were found whole
 
 
 def get_batch(split, stream):
     """Inputs x and targets y (x shifted by one), (B, T) each, of stream's windows (batches.py)."""
     try:
-        return batches.get(split, stream, batch_size, block_size, device)
+        return data.get(split, stream, batch_size, block_size, device)
     except ValueError as e:  # a data file cut short while the run reads it
         fail(e)
 
@@ -184,26 +183,26 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=vocab_size, bias=bias, dropout=dropout, flash=flash, rope=rope,
                   rmsnorm=rmsnorm, swiglu=swiglu, n_kv_head=n_kv_head, qk_norm=qk_norm)
 oom_args = (batch_size, dtype, gradient_accumulation_steps, world, device)  # memory.py
-iter_num, best_val_loss, checkpoint, lora = 0, float('inf'), None, None  # steps, best val loss
+iter_num, best_val_loss, ckpt, lora = 0, float('inf'), None, None  # steps, best val loss
 try:
     # out of memory from here on: one line saying where, the estimate and the fix (memory.py)
-    sys.excepthook = exit_on_oom(GPTConfig(**model_args), *oom_args)  # (a ValueError: bad shapes)
+    sys.excepthook = memory.exit_on_oom(GPTConfig(**model_args), *oom_args)  # ValueError: shapes
     if init_from == 'scratch':
         log(f"a new model from scratch, vocab_size {vocab_size}")
         model = GPT(GPTConfig(**model_args))
     elif init_from == 'resume':  # this run's last state: weights, iteration, optimizer, randomness
         # FSDP shards from the CPU; on the CPU the file is read, not mapped (training writes it)
-        model, checkpoint = resume_checkpoint(out_dir, 'cpu' if sharded else device, model_args,
-                                              (vocab_size, meta['vocab_size']), config,
-                                              mmap=sharded or device_type != 'cpu', log=log)
-        iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])
-        lora = checkpoint.get('lora')  # a LoRA run's base and adapters (checkpoint.py)
+        model, ckpt = checkpoint.resume_checkpoint(
+            out_dir, 'cpu' if sharded else device, model_args, (vocab_size, meta['vocab_size']),
+            config, mmap=sharded or device_type != 'cpu', log=log)
+        iter_num, best_val_loss = ckpt['iter_num'], float(ckpt['best_val_loss'])
+        lora = ckpt.get('lora')  # a LoRA run's base and adapters (checkpoint.py)
     else:  # another run's checkpoint (FILE.pt), GPT-2's weights, or a Hugging Face folder
         log(f"initialising from {init_from} (its weights and shape; iteration 0, a new optimizer)")
-        model, base_tok, _ = load_model(init_from, 'cpu', dropout=dropout, flash=flash)
+        model, base_tok, _ = checkpoint.load_model(init_from, 'cpu', dropout=dropout, flash=flash)
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)  # GPT-2 has 1024 positions; fewer train faster
-        known = fit_vocab(model, base_tok, tok, meta, vocab_size, log)  # rows for new ids
+        known = checkpoint.fit_vocab(model, base_tok, tok, meta, vocab_size, log)  # new ids' rows
         if lora_rank:  # LoRA: the weights frozen, adapters and new ids' rows learn (lora.py)
             lora = adapt(model, init_from, lora_rank, lora_alpha, lora_dropout, lora_targets, known)
 except (ValueError, ImportError) as e:
@@ -214,9 +213,9 @@ if lora and dtype != 'float32':  # frozen matrices in their matmuls' precision: 
     store_frozen(model, getattr(torch, dtype))
 model_args = dataclasses.asdict(model.config)  # the model's own shape, for its checkpoints
 block_size = config['block_size'] = model.config.block_size  # a checkpoint's, GPT-2's
-sys.excepthook = exit_on_oom(model.config, *oom_args)  # the model's own shape from here on
+sys.excepthook = memory.exit_on_oom(model.config, *oom_args)  # the model's own shape from here on
 log(f"{model.get_num_params() / 1e6:.2f}M parameters")
-log(memory_report(model.config, *oom_args))
+log(memory.memory_report(model.config, *oom_args))
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 log(f"device {device}, dtype {dtype}, flash={flash}, {world} process(es); {tokens_per_iter:,} "
     f"tokens per iteration ({gradient_accumulation_steps} x {batch_size} x {block_size})")
@@ -233,11 +232,11 @@ if sharded:  # FSDP2: each block's weights split over the processes, gathered ju
     fully_shard(raw_model)
 if compile:  # after fully_shard, so that its hooks are compiled with the model
     log("compiling the model (a minute or so the first time)")
-    model = compile_checked(model, get_batch('train', train_stream(seed, 0, 0)), ctx, log)
+    first = get_batch('train', batches.train_stream(seed, 0, 0))
+    model = devices.compile_checked(model, first, ctx, log)
 if ddp and not sharded:  # DDP: each process holds the whole model; gradients are averaged
-    from torch.nn.parallel import DistributedDataParallel
-    model = DistributedDataParallel(model,
-                                    device_ids=[local_rank] if device_type == 'cuda' else None)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 # -----------------------------------------------------------------------------
 # optimizer and gradient scaler
@@ -255,16 +254,16 @@ if sharded:
     scaler = ShardedGradScaler(device_type, enabled=dtype == 'float16')
 else:
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-prefs = Preferences(batches, dpo_beta, batch_size, block_size) if dpo_beta else None
+prefs = Preferences(data, dpo_beta, batch_size, block_size) if dpo_beta else None
 try:  # a resumed run's Adam moments (and Muon's), float16's loss scale; DPO's reference, the
     # model this run started from as it was then (its log-probabilities: dpo.py)
-    if checkpoint is not None:
-        resume_optimizer(checkpoint, config, raw_model, optimizer, scaler, sharded, log)
+    if ckpt is not None:
+        checkpoint.resume_optimizer(ckpt, config, raw_model, optimizer, scaler, sharded, log)
     if prefs:
-        prefs.reference(raw_model, ctx, device, checkpoint, log)
+        prefs.reference(raw_model, ctx, device, ckpt, log)
 except ValueError as e:
     fail(e)
-checkpoint = None  # free the memory the loaded tensors hold
+ckpt = None  # free the memory the loaded tensors hold
 
 
 # -----------------------------------------------------------------------------
@@ -275,7 +274,8 @@ def save(names):
                  best_val_loss=best_val_loss, config=config, rng_state=torch.get_rng_state(),
                  **(dict(lora=lora) if lora else {}),
                  **(dict(dpo_reference=prefs.logps) if prefs else {}))
-    seconds = save_run(raw_model, optimizer, state, names, out_dir, sharded, master, device, ddp)
+    seconds = checkpoint.save_run(raw_model, optimizer, state, names, out_dir, sharded, master,
+                                  device, ddp)
     log(f"saved {', '.join(names)} at iteration {iter_num} ({seconds:.1f} s)" + ("; under torchrun "
         "a preempted run has 30 s to save: see docs/devices.md" if seconds > 10 else ""))
 
@@ -291,13 +291,14 @@ def estimate_loss():
     for split in ('train', 'val'):
         sums = torch.zeros(4, device=device)  # loss, targets, the text's loss, its bytes (DPO: 4)
         for k in range(rank, rounds * world, world):
-            stream = eval_stream(split, min(k, eval_iters - 1))
+            stream = batches.eval_stream(split, min(k, eval_iters - 1))
             X, Y = get_batch(split, stream)
             with ctx:
                 logits, nll = model(X, Y, reduction='none')
             if k >= eval_iters:  # a repeat, which keeps the processes in step: not counted
                 continue
-            sums += prefs.sums(nll, split, stream) if prefs else score_sums(logits, Y, token_bytes)
+            sums += (prefs.sums(nll, split, stream) if prefs else
+                     scoring.score_sums(logits, Y, token_bytes))
         if ddp:
             dist.all_reduce(sums)
         if prefs:
@@ -327,13 +328,13 @@ def get_lr(it):
 
 # -----------------------------------------------------------------------------
 # training loop
-peak, peak_name = peak_flops(device)
+peak, peak_name = devices.peak_flops(device)
 log(f"MFU is measured against the {peak_name}" if peak else f"MFU not shown: {peak_name}")
 if wandb:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 run_log = RunLog(out_dir, resume_at=iter_num if init_from == 'resume' else 0, plot=plot) \
     if master else None  # out_dir/log.jsonl, which plot.py draws
-stop = StopSignals(log)  # stop.name: 'SIGTERM' or 'SIGINT' once one asks the run to stop
+stop = devices.StopSignals(log)  # stop.name: 'SIGTERM' or 'SIGINT' once one asks the run to stop
 t0 = watched_at = time.perf_counter()
 while True:
     lr = get_lr(iter_num)
@@ -383,7 +384,7 @@ while True:
     # one optimizer step: gradient_accumulation_steps micro-batches in all, micro_steps of them
     # here, this process's being the global micro-steps rank * micro_steps ... (batches.py)
     steps = [rank * micro_steps + m for m in range(micro_steps)]
-    micro_batches = [get_batch('train', train_stream(seed, iter_num, m)) for m in steps]
+    micro_batches = [get_batch('train', batches.train_stream(seed, iter_num, m)) for m in steps]
     # the step's loss is the mean over all its targets (chat data masks some; DPO: over its pairs)
     n_targets = torch.tensor(float(gradient_accumulation_steps * batch_size), device=device) if \
         prefs else sum((Y >= 0).sum() for _, Y in micro_batches).float()
@@ -392,7 +393,7 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for m, (X, Y) in zip(steps, micro_batches):
         if dropout > 0.0:  # its own masks: the same whatever the processes, and after a resume
-            torch.manual_seed(step_seed(seed, iter_num, m))
+            torch.manual_seed(batches.step_seed(seed, iter_num, m))
         last = m == steps[-1]  # gradients are averaged over the processes in the last backward only
         if sharded:
             raw_model.set_requires_gradient_sync(last)
@@ -401,7 +402,7 @@ while True:
         with ctx:
             if prefs:  # DPO: the pairs' replies, against the reference's (dpo.py)
                 _, nll = model(X, Y, reduction='none')
-                loss = prefs.sums(nll, 'train', train_stream(seed, iter_num, m))[0]
+                loss = prefs.sums(nll, 'train', batches.train_stream(seed, iter_num, m))[0]
             else:
                 _, loss = model(X, Y, reduction='sum')  # summed: a batch without targets adds 0
             loss = loss * world / n_targets.clamp(min=1)  # * world: DDP and FSDP average processes

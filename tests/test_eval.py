@@ -193,7 +193,11 @@ def test_char_and_bpe_models_score_the_same_bytes(repo, char_model, hf_folder):
     assert char[3] == len(text) and bpe[3] == len(gpt2_encoding().encode_ordinary(text))
     assert bpe[3] > 5 * 8 * 2  # windows every 8 tokens: more than 5 batches of 2 to share out
     two = torchrun(repo, *args)
-    assert '2 process(es)' in two.stdout and last_line(two) == last_line(one)
+    assert '2 process(es)' in two.stdout, two.stdout
+    # the same bytes and tokens; the same losses to the printed 4 decimals, give or take the last one:
+    # the two processes add their batches' sums in another order
+    both = parse_bpb(last_line(two)), bpe
+    assert both[0][2:] == both[1][2:] and max(abs(a - b) for a, b in zip(*both)) <= 1e-4, both
 
 
 def test_val_task_scores_every_token_once(repo, char_model):
