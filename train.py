@@ -5,9 +5,9 @@ of one machine, GPT-2 (docs/distributed.md for several machines):
     python prepare.py shakespeare_char && python train.py config/train_shakespeare_char_cpu.py
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
-The defaults below train GPT-2 124M on OpenWebText. A config file and --key=value flags override
-them (configurator.py); python train.py --help lists them all. The script reads top to bottom:
-settings, processes and device, data, model, optimizer, the loop's helpers, the training loop.
+The defaults below train GPT-2 124M on OpenWebText, overridden by a config file and --key=value
+flags (configurator.py; --help lists them). It reads top to bottom: settings, processes and device,
+data, model, optimizer, the loop's helpers, the loop; a call into a module names its file.
 """
 
 import dataclasses
