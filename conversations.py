@@ -20,6 +20,7 @@ markers in. A model's own template (a Hugging Face folder's tokenizer_config.jso
 Jinja's sandbox, as transformers renders it: a template cannot reach Python's objects.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -148,10 +149,9 @@ def read_conversations(files, val_files=()):
 # templates: a conversation's ids, and which of them are learned
 
 
-def render_jinja(template, messages, add_generation_prompt, named=None):
-    """A Hugging Face chat template (Jinja) rendered as transformers renders it (its options, and
-    the names bos_token, eos_token, ... of named), in Jinja's immutable sandbox: a template that
-    reaches for Python's internals is a DataError, never run."""
+@functools.lru_cache(maxsize=4)
+def compile_jinja(template):
+    """A chat template compiled once, in Jinja's immutable sandbox, with transformers' options."""
     jinja2 = need('jinja2', 'jinja2')
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -165,10 +165,18 @@ def render_jinja(template, messages, add_generation_prompt, named=None):
                                     separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(template)
+
+
+def render_jinja(template, messages, add_generation_prompt, named=None):
+    """A Hugging Face chat template (Jinja) rendered as transformers renders it (with the names
+    bos_token, eos_token, ... of named), in Jinja's immutable sandbox: a template that reaches for
+    Python's internals is a DataError, never run."""
+    jinja2 = need('jinja2', 'jinja2')
     try:
-        return env.from_string(template).render(messages=messages,
-                                                add_generation_prompt=add_generation_prompt,
-                                                **(named or {}))
+        return compile_jinja(template).render(messages=messages,
+                                              add_generation_prompt=add_generation_prompt,
+                                              **(named or {}))
     except jinja2.exceptions.SecurityError as e:
         raise DataError(f"the chat template is unsafe, and was not run: {e}") from None
     except jinja2.exceptions.TemplateError as e:

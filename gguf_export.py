@@ -129,7 +129,8 @@ def check_config(cfg, hf_dir):
 
 
 def read_weights(hf_dir):
-    """{name: tensor} of the folder's model.safetensors (or its shards)."""
+    """{name: tensor} of the folder's model.safetensors (or its shards). Not hf_models.read_files:
+    this module imports nothing of the project, so it converts any folder on its own."""
     from safetensors.torch import load_file
     index = read_json(hf_dir, 'model.safetensors.index.json')
     files = sorted(set(index['weight_map'].values())) if index else ['model.safetensors']

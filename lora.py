@@ -125,7 +125,8 @@ def store_frozen(model, dtype):
 
 def fingerprint(model):
     """One number that changes with any weight: a LoRA checkpoint keeps its base's, to check it."""
-    return sum(p.double().sum().item() + p.double().abs().sum().item() for p in model.parameters())
+    weights = [p.double() for p in model.parameters()]
+    return sum(w.sum().item() + w.abs().sum().item() for w in weights)
 
 
 def train_new_rows(model, known):

@@ -6,12 +6,9 @@ References:
 2) OpenAI's released TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
 3) "Attention Is All You Need" (Vaswani et al., 2017) for the attention itself
 
-The model and nothing else: GPTConfig, the layers (with both the fused and the written-out masked
-attention), and GPT (initialisation, forward, generate, optimizer groups, FLOPs). It imports no
-other file of this project and importing it only defines things. With every switch of GPTConfig
-at its default it is GPT-2; the switches give the Llama family's computations (rotary positions,
-RMSNorm, SwiGLU, grouped-query attention, QK-norm), so Llama and Qwen3 weights load into it
-(hf_models.py maps the names).
+The model and nothing else: it imports no other file of this project. With every switch of
+GPTConfig at its default it is GPT-2; the switches give the Llama family's computations (rotary
+positions, RMSNorm, SwiGLU, grouped-query attention, QK-norm): hf_models.py loads Llama and Qwen3.
 """
 
 import math
@@ -125,11 +122,9 @@ def rotary(pos, hs, theta=10000.0):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate each pair (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by its angle. A rotation
-    by p*w of q and by p'*w of k leaves q.k depending on p - p' only: attention sees relative
-    positions.
-    (The paper pairs neighbouring dimensions; halves, as GPT-NeoX and Llama's Hugging Face ports do,
-    differ only by a fixed permutation of the dimensions, which the learned weights absorb.)"""
+    """Rotate each pair (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by its angle: q.k then
+    depends on p - p' only. (The paper pairs neighbouring dimensions; halves, as GPT-NeoX and
+    Llama's Hugging Face ports do, are a fixed permutation of them, which the weights absorb.)"""
     x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2)
     # (B, nh, T, hs/2) each, side by side -> (B, nh, T, hs)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
@@ -205,10 +200,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class KVCache:
-    """The keys and values one attention layer has computed for the tokens generated so far. A new
-    token then needs one position's forward plus attention over these, instead of a forward over the
-    whole context (GPT.generate). The tensors grow by torch.cat: no batch size, dtype or device to
-    know in advance."""
+    """The keys and values one attention layer has computed for the tokens so far: a new token
+    needs one position's forward, not the whole context's (GPT.generate). Grown by torch.cat."""
 
     def __init__(self):
         self.k = None  # (B, nkv, tokens so far, hs)
@@ -422,13 +415,10 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None,
                  use_cache=True, generator=None):
         """Extend idx (B, T) by max_new_tokens tokens, one at a time, each fed back in.
-        temperature 0 picks the most likely token (greedy); top_k keeps only the k likeliest
-        (None or 0 keeps all); vocab_size, when the vocabulary was padded (train.py pads 50257 to
-        50304), keeps the padding ids, which no tokenizer can decode, from being drawn.
-        use_cache=True keeps each layer's keys and values (KVCache), so a new token costs one
-        position's forward; False runs the whole context through forward at every step, the plain
-        reference. Both give the same tokens. generator: a torch.Generator to draw from instead of
-        the global random state. Call model.eval() first, or dropout stays on."""
+        temperature 0 is greedy; top_k keeps the k likeliest (None or 0: all); vocab_size keeps
+        a padded vocabulary's padding ids (50257 to 50304) from being drawn. use_cache: each
+        layer's keys and values kept (KVCache), the same tokens as a full forward at each step
+        (False). generator: draw from it, not the global state. Call model.eval() first."""
         check_generate_args(max_new_tokens, temperature, top_k)
         block_size = self.config.block_size
         kv_cache = None

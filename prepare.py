@@ -10,13 +10,10 @@ Turns a text corpus into token ids that train.py reads (python prepare.py --help
     python prepare.py sft --input=chats.jsonl --tokenizer=data/shakespeare_char  # conversations
     python prepare.py alpaca              # tatsu-lab/alpaca (hub); alpaca_zh: shibing624/alpaca-zh
 
-Each writes data/<name>/train.bin and val.bin (flat arrays of token ids) and meta.json, which says
-how to read them (dtype) and turn ids back into text (the tokenizer: tokenizer.py). Processes on
-every core encode the text a chunk at a time, so a corpus larger than memory works; every file is
-written under a temporary name and renamed at the end, so an interrupted run never leaves a
-truncated train.bin behind. Conversations and preference pairs (.jsonl or .json records in the
-shapes conversations.py reads) go through a chat template instead, and also write which tokens
-are targets and where each conversation starts (docs/design.md, Data on disk).
+Each writes data/<name>/train.bin and val.bin (flat arrays of token ids) and meta.json (their
+dtype and tokenizer), encoded a chunk at a time on every core, so a corpus larger than memory
+works; files are renamed into place when whole. Conversations and preference pairs
+(conversations.py) also write their targets and starts (docs/design.md, Data on disk).
 """
 
 import argparse

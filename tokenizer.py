@@ -142,6 +142,7 @@ class Tokenizer:
         elif kind == 'tokenizers':
             self.tok = hf_tokenizer(os.path.join(data_dir, spec['file']))
             self.n_vocab = self.tok.get_vocab_size()
+            self.added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
             self.special_ids |= {i for i, t in self.tok.get_added_tokens_decoder().items()
                                  if t.special}
             # with our chat template, the file's own special tokens (<|endoftext|>) typed in a
@@ -217,10 +218,9 @@ class Tokenizer:
             return self.chars[i].encode('utf-8')
         if kind == 'gpt2':  # a token may be part of a character: an emoji is 2 or 3 tokens
             return self.enc.decode_single_token_bytes(i)
-        added = self.tok.get_added_tokens_decoder()
-        token = added[i].content if i in added else self.tok.id_to_token(i) or ''
-        if i in added:
-            return token.encode('utf-8')
+        if i in self.added:  # the file's added tokens: their text as it is
+            return self.added[i].encode('utf-8')
+        token = self.tok.id_to_token(i) or ''
         if self.byte_level:  # GPT-2's kind, Qwen's, prepare.py's bpe: one character per byte
             return b''.join(bytes([self.byte_level[c]]) if c in self.byte_level else c.encode()
                             for c in token)

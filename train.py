@@ -308,7 +308,7 @@ def estimate_loss():
         else:
             loss_sum, n_targets, text_loss, n_bytes = sums.tolist()
             out[split] = loss_sum / max(n_targets, 1)
-            out[f'{split}_bpb'] = text_loss / (math.log(2) * n_bytes)  # nats to bits, per byte
+            out[f'{split}_bpb'] = scoring.bits_per_byte(text_loss, n_bytes)
     model.train()
     return out
 

@@ -183,6 +183,7 @@ def test_refused_folders_get_one_line(repo, tmp_path):
     scaled = dict(config, rope_scaling=dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0,
                                             high_freq_factor=4.0, original_max_position_embeddings=64))
     for changed, fragment in ((scaled, 'rope_scaling'), (dict(config, model_type='mistral'), "'mistral'"),
+                              (dict(config, model_type='qwen2'), "'qwen2'"),
                               (dict(config, hidden_act='gelu'), "hidden_act='gelu'")):
         (path / 'config.json').write_text(json.dumps(changed))
         p = run(repo, 'sample.py', f'--init_from={path}', '--max_new_tokens=2', '--device=cpu', ok=False)
